@@ -1,0 +1,1 @@
+"""Weight converters between official PyTorch checkpoints (safetensors) and geojax models."""

@@ -1,0 +1,62 @@
+"""Multi-view helpers: reference-view selection and view reordering (DA3).
+
+Selection runs on the per-view class/camera token ``x[:, :, 0]`` of ``(B, S, N, C)`` tokens.
+Reordering puts the reference view first and keeps the others in order:
+``[ref, 0, 1, ..., ref-1, ref+1, ...]``; :func:`restore_views` undoes it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+STRATEGIES = ("saddle_balanced", "first", "middle", "saddle_sim_range")
+
+
+def select_reference_view(x: jax.Array, strategy: str = "saddle_balanced") -> jax.Array:
+  """Index ``(B,)`` of the reference view for tokens ``x`` ``(B, S, N, C)``."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"ref_view_strategy must be one of {STRATEGIES}; got {strategy!r}")
+  b, s = x.shape[:2]
+  if s <= 1 or strategy == "first":
+    return jnp.zeros((b,), jnp.int32)
+  if strategy == "middle":
+    return jnp.full((b,), s // 2, jnp.int32)
+  c = x[:, :, 0].astype(jnp.float32)
+  norm = jnp.linalg.norm(c, axis=-1)
+  ch = c / norm[..., None]
+  sim = jnp.einsum("bsc,btc->bst", ch, ch, precision=jax.lax.Precision.HIGHEST)
+  sim = sim - jnp.eye(s, dtype=sim.dtype)
+  if strategy == "saddle_sim_range":
+    return jnp.argmax(sim.max(-1) - sim.min(-1), axis=1).astype(jnp.int32)
+  sim_score = sim.sum(-1) / (s - 1)
+  var = jnp.var(ch, axis=-1, ddof=1)  # torch.var is unbiased
+
+  def unit(m):
+    lo, hi = m.min(1, keepdims=True), m.max(1, keepdims=True)
+    return (m - lo) / (hi - lo + 1e-8)
+
+  score = (jnp.abs(unit(sim_score) - 0.5) + jnp.abs(unit(norm) - 0.5)
+           + jnp.abs(unit(var) - 0.5))
+  return jnp.argmin(score, axis=1).astype(jnp.int32)
+
+
+def reorder_index(ref: jax.Array, s: int) -> jax.Array:
+  """``(B, S)`` gather indices that move view ``ref`` to the front."""
+  pos = jnp.arange(s)[None]
+  r = ref[:, None]
+  idx = jnp.where((pos > 0) & (pos <= r), pos - 1, pos)
+  return jnp.where(pos == 0, r, idx)
+
+
+def reorder_views(x: jax.Array, ref: jax.Array) -> jax.Array:
+  idx = reorder_index(ref, x.shape[1])
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def restore_views(x: jax.Array, ref: jax.Array) -> jax.Array:
+  pos = jnp.arange(x.shape[1])[None]
+  r = ref[:, None]
+  idx = jnp.where(pos < r, pos + 1, pos)
+  idx = jnp.where(pos == r, 0, idx)
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
