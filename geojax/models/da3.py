@@ -28,7 +28,7 @@ from geojax.nn.alternating import GLOBAL, LOCAL, run_schedule
 from geojax.nn.dpt import DPTHead, DualDPTHead
 from geojax.nn.stack import LayerStack
 from geojax.nn.vit import Block, BlockConfig, DinoV2, Mlp
-from geojax.parallel.sharding import creation_context
+from geojax.parallel.sharding import create, creation_context
 
 PATCH = 14
 VIT = {  # name: (dim, depth, heads, ffn)
@@ -266,10 +266,10 @@ class DA3(nnx.Module):
   def from_preset(cls, name: str, *, rngs: nnx.Rngs, **overrides) -> "DA3 | NestedDA3":
     """Randomly initialised model for an official preset name (``PRESET_NAMES``)."""
     if name in NESTED:
-      return NestedDA3(*(get_config(p, **overrides) for p in NESTED[name]), rngs=rngs)
+      cfgs = [get_config(p, **overrides) for p in NESTED[name]]
+      return create(lambda r: NestedDA3(*cfgs, rngs=r), rngs)
     cfg = get_config(name, **overrides)
-    with creation_context():
-      return cls(cfg, rngs=rngs)
+    return create(lambda r: cls(cfg, rngs=r), rngs)
 
   def __call__(self, images: jax.Array, extrinsics: jax.Array | None = None,
                intrinsics: jax.Array | None = None, *, ref_view_strategy: str = "saddle_balanced",

@@ -53,3 +53,10 @@ def creation_context():
   if jax.sharding.get_abstract_mesh().empty:
     return nnx.use_eager_sharding(False)
   return contextlib.nullcontext()
+
+
+def create(ctor, rngs: nnx.Rngs):
+  """``ctor(rngs)`` traced under one ``nnx.jit``: a single compilation for the whole model
+  instead of one per distinct initializer shape (seconds instead of tens of seconds on CPU)."""
+  with creation_context():
+    return nnx.jit(ctor)(rngs)
