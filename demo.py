@@ -2,7 +2,7 @@
 
 No checkpoint is downloaded (this machine may be offline): the model is a randomly initialised
 ``da3-small`` unless ``--weights DIR`` points at an official checkpoint directory. The scene is
-rendered procedurally (a textured box room seen from a few cameras), so the demo needs no data.
+rendered procedurally by ``geojax.data.synthetic`` (a textured room with objects), so the demo needs no data.
 Outputs go to a new folder under ``outputs/`` (existing folders are never overwritten).
 """
 
@@ -18,48 +18,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from geojax.data.synthetic import render_scene
+from geojax.io.visualize import colorize_depth
 from geojax.models.da3 import DA3
+from geojax.models.registry import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 from geojax.models.runner import jit_forward
-
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def synthetic_views(n: int = 3, h: int = 280, w: int = 504, seed: int = 0) -> np.ndarray:
-  """Ray-cast a checkered box room from ``n`` cameras; returns uint8 ``(n, h, w, 3)``."""
-  rng = np.random.default_rng(seed)
-  out = []
-  f = 0.8 * w
-  v, u = np.mgrid[0:h, 0:w].astype(np.float32)
-  dirs = np.stack([(u - w / 2) / f, (v - h / 2) / f, np.ones_like(u)], -1)
-  palette = rng.uniform(0.2, 0.9, (6, 3)).astype(np.float32)
-  for i in range(n):
-    yaw = -0.3 + 0.3 * i
-    rot = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]],
-                   np.float32)
-    d = dirs @ rot.T
-    origin = np.array([0.4 * i - 0.4, 0.0, -1.0], np.float32)
-    t_best = np.full((h, w), np.inf, np.float32)
-    color = np.zeros((h, w, 3), np.float32)
-    for axis in range(3):
-      for k, wall in enumerate((-2.0, 2.0)):
-        with np.errstate(divide="ignore", invalid="ignore"):
-          t = (wall - origin[axis]) / d[..., axis]
-        hit = origin + t[..., None] * d
-        ok = (t > 0) & (t < t_best)
-        check = (np.floor(hit[..., (axis + 1) % 3] * 2) + np.floor(hit[..., (axis + 2) % 3] * 2)) % 2
-        shade = palette[2 * axis + k] * (0.6 + 0.4 * check[..., None])
-        color = np.where(ok[..., None], shade, color)
-        t_best = np.where(ok, t, t_best)
-    out.append((np.clip(color, 0, 1) * 255).astype(np.uint8))
-  return np.stack(out)
-
-
-def colorize(depth: np.ndarray) -> np.ndarray:
-  lo, hi = np.percentile(depth, 2), np.percentile(depth, 98)
-  x = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
-  return (np.stack([x, 1 - np.abs(2 * x - 1), 1 - x], -1) * 255).astype(np.uint8)
-
 
 def new_run_dir(root: str) -> str:
   os.makedirs(root, exist_ok=True)
@@ -79,7 +42,7 @@ def main():
   ap.add_argument("--out", default="outputs")
   args = ap.parse_args()
 
-  images = synthetic_views(args.views)
+  images = render_scene(0, 0, num_views=args.views, height=280, width=504)["images"]
   x = ((images.astype(np.float32) / 255 - MEAN) / STD)[None]
   t0 = time.perf_counter()
   if args.weights:
@@ -104,7 +67,7 @@ def main():
            **{k: np.asarray(v) for k, v in out.items() if hasattr(v, "shape")})
   for i in range(args.views):
     depth = np.asarray(out["depth"][0, i])
-    Image.fromarray(np.concatenate([images[i], colorize(depth)], 1)).save(
+    Image.fromarray(np.concatenate([images[i], colorize_depth(depth)], 1)).save(
         os.path.join(run, f"view{i}_depth.png"))
   print(f"wrote {run}/predictions.npz and {args.views} pictures (input | depth)")
 

@@ -1,0 +1,51 @@
+"""Evaluation config: ``python evaluate.py --config=configs/evaluate.py[:PRESET]``.
+
+``PRESET`` is a DA3 preset name (default ``da3-small``). Every field can be overridden on the
+command line, e.g. ``--config.data.num_scenes=8 --config.model.weights=/path/to/DA3-LARGE``.
+
+Fields:
+  model.family: registry name of the model family (``da3``).
+  model.preset: preset of the family (``da3-small`` ... ``da3nested-giant-large``).
+  model.checkpoint: a geojax model checkpoint directory (``geojax.io.checkpoint.save_model``).
+  model.weights: official weights (directory with ``model.safetensors`` or the file itself).
+    With neither, the model is randomly initialised (``model.seed``) - useful only as a smoke
+    test of the pipeline.
+  model.process_res: long side the views are resized to (rounded to multiples of 14).
+  model.ref_view_strategy, model.use_ray_pose: DA3 inference options.
+  data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``).
+  data.seed, data.num_scenes, data.num_views, data.height, data.width: synthetic scene family,
+    how many scenes, views per scene and their resolution.
+  data.max_depth: ground-truth depth above this is ignored (0 = no limit).
+  metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``) or ``all``;
+    groups that do not apply to the model's outputs are skipped with a note.
+  depth_align: alignment of predicted to GT depth per view before depth metrics:
+    ``none``, ``median``, ``scale``, ``scale_shift`` or ``disparity_affine``.
+  pose_thresholds: AUC thresholds in degrees.
+  pointcloud_threshold: precision/recall distance in GT units (metres for synthetic scenes);
+    predicted points are aligned to GT points by Umeyama Sim(3) over pixel correspondences.
+  pointcloud_max_points: points per side after random subsampling (seeded).
+  out_dir: output folder (``results.json``, ``scenes.csv``, ``pictures/``); an existing
+    ``results.json`` is never replaced unless ``overwrite=True``.
+  pictures: write one PNG per scene (views x [image, GT depth, predicted depth, AbsRel error]).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      family="da3", preset=arg or "da3-small", checkpoint="", weights="", seed=0,
+      process_res=504, ref_view_strategy="saddle_balanced", use_ray_pose=False))
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", seed=0, num_scenes=4, num_views=4, height=280, width=504,
+      max_depth=0.0))
+  c.metrics = "all"
+  c.depth_align = "median"
+  c.pose_thresholds = (3, 5, 15, 30)
+  c.pointcloud_threshold = 0.05
+  c.pointcloud_max_points = 200_000
+  c.out_dir = "outputs/eval"
+  c.overwrite = False
+  c.pictures = True
+  return c

@@ -1,0 +1,1 @@
+"""Datasets: built-in synthetic scenes (and, later, real formats and Grain pipelines)."""

@@ -1,0 +1,166 @@
+"""Scene-level evaluation: run a model over scenes, score every metric group that applies.
+
+Used by ``evaluate.py``. Metric groups:
+
+- ``depth``: :func:`geojax.eval.metrics.depth_metrics` per view after per-view alignment
+  (``depth_align``), averaged over the views of a scene;
+- ``pose`` (models that predict cameras, >= 2 views): pose AUC over all view pairs, RRA/RTA and,
+  with >= 3 views, ATE after Sim(3) alignment of camera centres;
+- ``pointcloud``: predicted depth un-projected with the predicted cameras (GT cameras for
+  depth-only models), aligned to the GT points by Umeyama Sim(3) over pixel correspondences, then
+  accuracy / completeness / Chamfer / precision / recall / F-score.
+
+Scene-level numbers are averaged over scenes with equal weight.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from geojax.eval import metrics as M
+from geojax.geometry import alignment, unproject
+from geojax.io import visualize as viz
+
+GROUPS = ("depth", "pose", "pointcloud")
+NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth"}
+
+
+def parse_groups(spec: str, predicts: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
+  """``"all"`` or ``"depth,pose"`` -> (groups to run, notes on groups skipped)."""
+  names = GROUPS if spec.strip() == "all" else tuple(
+      s.strip() for s in spec.split(",") if s.strip())
+  unknown = [n for n in names if n not in GROUPS]
+  if unknown or not names:
+    raise ValueError(f"metrics: unknown metric group(s) {unknown or [spec]}; choose from "
+                     f"{', '.join(GROUPS)} or 'all'")
+  run, notes = [], []
+  for n in names:
+    if NEEDS[n] in predicts:
+      run.append(n)
+    else:
+      notes.append(f"{n}: skipped, the model does not predict {NEEDS[n]}")
+  return tuple(run), notes
+
+
+def valid_mask(scene: dict[str, np.ndarray], max_depth: float) -> np.ndarray:
+  d = scene["depth"]
+  m = scene["valid"] & np.isfinite(d) & (d > 0)
+  if max_depth > 0:
+    m &= d <= max_depth
+  return m
+
+
+def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask: np.ndarray,
+                groups: Iterable[str], options: dict[str, Any]) -> dict[str, float]:
+  """All metrics of one scene as a flat ``{name: value}`` dict."""
+  out: dict[str, float] = {}
+  s = scene["depth"].shape[0]
+  if "depth" in groups:
+    per_view = [M.depth_metrics(pred["depth"][i], scene["depth"][i], mask[i],
+                                align=options["depth_align"]) for i in range(s) if mask[i].any()]
+    for k in per_view[0]:
+      out[k] = float(np.mean([v[k] for v in per_view]))
+  if "pose" in groups and s >= 2:
+    ext_p, ext_g = pred["extrinsics"], scene["extrinsics"]
+    out.update(M.pose_auc(ext_p, ext_g, thresholds=tuple(options["pose_thresholds"])))
+    out.update(M.rra_rta(ext_p, ext_g))
+    if s >= 3:
+      out["ate"] = float(M.ate(ext_p, ext_g))
+  if "pointcloud" in groups:
+    use_pred = "extrinsics" in pred
+    k = pred["intrinsics"] if use_pred else scene["intrinsics"]
+    w2c = pred["extrinsics"] if use_pred else scene["extrinsics"]
+    p_pts = np.asarray(unproject.depth_to_world_points(pred["depth"], k, w2c))[mask]
+    g_pts = np.asarray(unproject.depth_to_world_points(
+        scene["depth"], scene["intrinsics"], scene["extrinsics"]))[mask]
+    rng = np.random.default_rng(0)
+    n = int(options["pointcloud_max_points"])
+    if len(p_pts) > n:
+      idx = rng.choice(len(p_pts), n, replace=False)
+      p_pts, g_pts = p_pts[idx], g_pts[idx]
+    sc, rot, tr = (np.asarray(a, np.float64) for a in alignment.umeyama(p_pts, g_pts))
+    aligned = sc * p_pts @ rot.T + tr
+    out.update(M.pointcloud_metrics(aligned, g_pts, threshold=options["pointcloud_threshold"]))
+  return out
+
+
+def scene_picture(images: np.ndarray, pred: dict[str, np.ndarray], scene: dict[str, np.ndarray],
+                  mask: np.ndarray, align: str) -> np.ndarray:
+  """Rows = views; columns = image, GT depth, aligned predicted depth, AbsRel error."""
+  rows = []
+  for i in range(images.shape[0]):
+    gt = scene["depth"][i]
+    rng = viz.depth_range(gt, mask[i])
+    if mask[i].any():
+      aligned = np.asarray(alignment.align_depth(pred["depth"][i], gt, mask[i], mode=align))
+    else:
+      aligned = pred["depth"][i]
+    err = np.abs(aligned - gt) / np.where(mask[i], gt, 1.0)
+    rows.append([images[i], viz.colorize_depth(gt, mask[i], rng),
+                 viz.colorize_depth(aligned, None, rng), viz.colorize_error(err, mask[i])])
+  return viz.grid(rows)
+
+
+def prepare_out_dir(out_dir: str, overwrite: bool) -> str:
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(os.path.join(out_dir, "results.json")) and not overwrite:
+    raise FileExistsError(f"out_dir {out_dir} already holds results.json; choose another "
+                          "--config.out_dir or pass --config.overwrite=True")
+  os.makedirs(os.path.join(out_dir, "pictures"), exist_ok=True)
+  return out_dir
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, float]:
+  keys = [k for k in rows[0] if k != "scene"]
+  return {k: float(np.mean([r[k] for r in rows if k in r and math.isfinite(r[k])]))
+          for k in keys}
+
+
+def write_results(out_dir: str, rows: list[dict[str, Any]], mean: dict[str, float],
+                  meta: dict[str, Any]) -> None:
+  """``results.json`` and ``scenes.csv``, each written to a temporary file and renamed."""
+  tmp = os.path.join(out_dir, f".results.json.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump({**meta, "mean": mean, "scenes": rows}, f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, "results.json"))
+  keys = ["scene"] + [k for k in rows[0] if k != "scene"]
+  tmp = os.path.join(out_dir, f".scenes.csv.tmp-{os.getpid()}")
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in keys})
+  os.replace(tmp, os.path.join(out_dir, "scenes.csv"))
+
+
+def format_table(mean: dict[str, float], n_scenes: int) -> str:
+  width = max(len(k) for k in mean)
+  lines = [f"{'metric':<{width}}  mean over {n_scenes} scene(s)", "-" * (width + 24)]
+  lines += [f"{k:<{width}}  {v:.4f}" for k, v in mean.items()]
+  return "\n".join(lines)
+
+
+def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
+        scenes: Iterable[tuple[str, dict[str, np.ndarray]]], groups: tuple[str, ...],
+        options: dict[str, Any], out_dir: str | None, pictures: bool,
+        progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict[str, Any]]:
+  """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``."""
+  rows = []
+  for name, scene in progress(scenes):
+    mask = valid_mask(scene, float(options.get("max_depth", 0.0)))
+    if not mask.any():
+      raise ValueError(f"scene {name}: no valid ground-truth depth (all pixels masked; "
+                       f"max_depth={options.get('max_depth', 0.0)})")
+    pred = predict(scene["images"])
+    rows.append({"scene": name, **score_scene(pred, scene, mask, groups, options)})
+    if pictures and out_dir:
+      viz.save_png(os.path.join(out_dir, "pictures", f"{name}.png"),
+                   scene_picture(scene["images"], pred, scene, mask, options["depth_align"]),
+                   overwrite=True)
+  return rows

@@ -1,0 +1,1 @@
+"""Files in and out: Orbax model checkpoints, pictures."""

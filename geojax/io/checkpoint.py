@@ -1,0 +1,55 @@
+"""Model checkpoints with Orbax: parameters plus the JSON needed to rebuild the model.
+
+A *model checkpoint* is an Orbax directory with two items: ``state`` (the ``nnx.State`` of the
+model, restored with its sharding when a mesh is active) and ``model`` (JSON: ``family``, e.g.
+``"da3"``, and ``config``, the family's config as plain JSON). Orbax writes into a temporary
+directory and renames it when complete, so an interrupted save never leaves a half-written
+checkpoint; an existing path is never overwritten unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_model(path: str, model: nnx.Module, family: str, config: dict[str, Any], *,
+               overwrite: bool = False) -> str:
+  """Write ``model`` to ``path`` (absolute or relative) and return the absolute path."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"save_model: {path} exists; pass overwrite=True to replace it")
+  state = nnx.state(model)
+  _checkpointer().save(path, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      model=ocp.args.JsonSave({"family": family, "config": config})), force=overwrite)
+  return path
+
+
+def read_model_info(path: str) -> dict[str, Any]:
+  """The ``{"family", "config"}`` JSON of a model checkpoint; clear errors for bad paths."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model checkpoint {path} does not exist")
+  if not os.path.isdir(os.path.join(path, "model")) or not os.path.isdir(
+      os.path.join(path, "state")):
+    raise ValueError(f"{path} is not a geojax model checkpoint (expected 'model' and 'state' "
+                     "items written by geojax.io.checkpoint.save_model)")
+  out = _checkpointer().restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+  return dict(out["model"])
+
+
+def restore_state(path: str, model: nnx.Module) -> nnx.Module:
+  """Load the parameters at ``path`` into ``model`` (same structure; abstract is fine)."""
+  path = os.path.abspath(path)
+  graphdef, abstract = nnx.split(model)
+  out = _checkpointer().restore(path, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  return nnx.merge(graphdef, out["state"])
