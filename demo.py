@@ -3,6 +3,8 @@
 No checkpoint is downloaded (this machine may be offline): the model is a randomly initialised
 ``da3-small`` unless ``--weights DIR`` points at an official checkpoint directory. The scene is
 rendered procedurally by ``geojax.data.synthetic`` (a textured room with objects), so the demo needs no data.
+It then evaluates the same model with ``evaluate.py`` on two more synthetic scenes with exact
+ground truth (metrics table, ``eval/results.json``, ``eval/scenes.csv``, ``eval/pictures/``).
 Outputs go to a new folder under ``outputs/`` (existing folders are never overwritten).
 """
 
@@ -35,6 +37,8 @@ def new_run_dir(root: str) -> str:
 
 
 def main():
+  from geojax.runtime import enable_compilation_cache
+  enable_compilation_cache()
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--preset", default="da3-small")
   ap.add_argument("--weights", default=None, help="official DA3 checkpoint dir or .safetensors")
@@ -70,6 +74,17 @@ def main():
     Image.fromarray(np.concatenate([images[i], colorize_depth(depth)], 1)).save(
         os.path.join(run, f"view{i}_depth.png"))
   print(f"wrote {run}/predictions.npz and {args.views} pictures (input | depth)")
+
+  # Score the same model on a few more synthetic scenes with ground truth (evaluate.py).
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import evaluate
+  from configs.evaluate import get_config
+  cfg = get_config(args.preset)
+  cfg.model.weights = args.weights or ""
+  cfg.data.num_scenes, cfg.data.num_views = 2, args.views
+  cfg.out_dir = os.path.join(run, "eval")
+  evaluate.evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -80,20 +80,24 @@ def test_cli_bad_input_one_line_error(tmp_path, args, needle):
   assert "Traceback" not in r.stderr
 
 
-def test_checkpoint_round_trip_gives_same_scores(tmp_path):
-  """A geojax checkpoint of a model evaluates exactly like the model it was saved from."""
+def test_checkpoint_and_official_weights_give_same_scores(tmp_path):
+  """A geojax checkpoint and official-layout weights of a model evaluate exactly like it."""
   from flax import nnx
 
+  from geojax.convert.da3 import save_official
   from geojax.io import checkpoint
   from geojax.models import registry
   fam = registry.get_family("da3")
   model = fam.build({"preset": "da3-small"}, nnx.Rngs(3))
   ck = checkpoint.save_model(str(tmp_path / "ck"), model, "da3", {"preset": "da3-small"})
-  a = evaluate.evaluate(small_config(tmp_path / "a", **{"model.seed": 3, "data.num_scenes": 1,
-                                                        "pictures": False}))
-  b = evaluate.evaluate(small_config(tmp_path / "b", **{"model.checkpoint": ck,
-                                                        "data.num_scenes": 1, "pictures": False}))
-  assert a["mean"] == b["mean"]
+  save_official(model, str(tmp_path / "official"))
+  common = {"data.num_scenes": 1, "pictures": False}
+  a = evaluate.evaluate(small_config(tmp_path / "a", **{"model.seed": 3, **common}))
+  b = evaluate.evaluate(small_config(tmp_path / "b", **{"model.checkpoint": ck, **common}))
+  c = evaluate.evaluate(small_config(tmp_path / "c", **{"model.weights": str(tmp_path / "official"),
+                                                        **common}))
+  assert a["mean"] == b["mean"] == c["mean"]
+  assert a["mean"]["abs_rel"] > 0
 
 
 def test_depth_only_model_skips_pose(tmp_path):

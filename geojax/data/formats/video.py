@@ -1,0 +1,134 @@
+"""Read a video file, or a folder of frames, as ``(frames (T, H, W, 3) uint8, timestamps (T,))``.
+
+Video files are decoded with imageio's v3 API (``imageio.v3.imiter`` / ``immeta``) and its
+ffmpeg plugin, an optional dependency: ``pip install imageio imageio-ffmpeg`` (geojax extra
+``video``). Timestamps are in seconds from the first frame, ``index / fps`` of the stream (the
+ffmpeg plugin reports a constant frame rate).
+
+A folder is read as a video of its image files (PNG/JPEG) sorted by name, at ``folder_fps``
+frames per second (default 30); it needs only Pillow.
+
+``fps`` subsamples to (at most) the requested rate: a frame is kept when its timestamp reaches
+the next slot ``t_0 + k / fps``; asking for a rate at or above the source's keeps every frame.
+``max_frames`` stops after that many *kept* frames (decoding stops early too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from geojax.data.formats.scene_folder import IMAGE_EXTS, MissingFileError, load_rgb
+
+_INSTALL_HINT = ("reading video files needs imageio with its ffmpeg plugin: "
+                 "pip install imageio imageio-ffmpeg  (or pip install 'geojax[video]')")
+
+
+def _imageio():
+  try:
+    import imageio.v3 as iio  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(_INSTALL_HINT) from e
+  return iio
+
+
+def list_frames(folder: str | os.PathLike) -> list[str]:
+  """Image files (PNG/JPEG) of ``folder``, sorted by name."""
+  folder = os.fspath(folder)
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+
+
+def _subsample(stream: Iterator[tuple[float, np.ndarray]], fps: float | None,
+               max_frames: int | None) -> tuple[list[np.ndarray], list[float]]:
+  frames, times = [], []
+  next_t = None
+  eps = 1e-9
+  for t, frame in stream:
+    if max_frames is not None and len(frames) >= max_frames:
+      break
+    if fps is not None:
+      if next_t is not None and t + eps < next_t:
+        continue
+      # advance the slot past t (several slots may be skipped by a low-rate source)
+      base = t if next_t is None else next_t
+      next_t = base + (np.floor((t - base) * fps + eps) + 1) / fps
+    frames.append(frame)
+    times.append(t)
+  return frames, times
+
+
+def _check_frame(frame: np.ndarray, where: str) -> np.ndarray:
+  a = np.asarray(frame)
+  if a.ndim == 2:
+    a = np.repeat(a[..., None], 3, -1)
+  if a.ndim != 3 or a.shape[-1] not in (3, 4):
+    raise ValueError(f"{where}: expected an RGB frame, got shape {a.shape}")
+  if a.dtype != np.uint8:
+    raise ValueError(f"{where}: expected 8-bit frames, got {a.dtype}")
+  return np.ascontiguousarray(a[..., :3])
+
+
+def read_video(path: str | os.PathLike, *, fps: float | None = None,
+               max_frames: int | None = None,
+               folder_fps: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+  """Decode frames of a video file or a folder of images.
+
+  Args:
+    path: a video file (anything imageio's ffmpeg plugin opens: mp4, mov, avi, mkv, webm, ...)
+      or a folder of image files (sorted by name).
+    fps: target rate in frames per second (subsampling only); None keeps every frame.
+    max_frames: keep at most this many frames.
+    folder_fps: the frame rate assumed for a folder of images.
+
+  Returns:
+    ``frames`` (T, H, W, 3) uint8 RGB and ``timestamps`` (T,) float64 seconds.
+
+  Raises:
+    ImportError with an install hint when a video file is given and imageio is missing;
+    MissingFileError (``FileNotFoundError`` and ``ValueError``) for a missing path;
+    ValueError for unreadable files, frames of different sizes or no frames at all.
+  """
+  path = os.fspath(path)
+  if fps is not None and not fps > 0:
+    raise ValueError(f"fps must be positive, got {fps}")
+  if max_frames is not None and max_frames < 1:
+    raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+  if os.path.isdir(path):
+    files = list_frames(path)
+    if not folder_fps > 0:
+      raise ValueError(f"folder_fps must be positive, got {folder_fps}")
+
+    def stream():
+      for i, f in enumerate(files):
+        yield i / folder_fps, f
+    picked, times = _subsample(stream(), fps, max_frames)
+    frames = [load_rgb(f) for f in picked]
+  elif os.path.isfile(path):
+    iio = _imageio()
+    try:
+      meta = iio.immeta(path, plugin="FFMPEG")
+      src_fps = float(meta.get("fps") or 0.0)
+      if not src_fps > 0:
+        raise ValueError(f"{path}: the video reports no frame rate")
+
+      def stream():
+        for i, fr in enumerate(iio.imiter(path, plugin="FFMPEG")):
+          yield i / src_fps, _check_frame(fr, f"{path} frame {i}")
+      frames, times = _subsample(stream(), fps, max_frames)
+    except ImportError:
+      raise
+    except ValueError:
+      raise
+    except Exception as e:  # imageio/ffmpeg raise assorted OSError/RuntimeError/IndexError
+      raise ValueError(f"{path}: cannot decode video: {type(e).__name__}: {e}") from e
+  else:
+    raise MissingFileError(f"{path}: video file or frame folder not found")
+  if not frames:
+    raise ValueError(f"{path}: no frames")
+  shapes = {f.shape for f in frames}
+  if len(shapes) > 1:
+    raise ValueError(f"{path}: frames have different sizes {sorted(shapes)}")
+  return np.stack(frames), np.asarray(times, np.float64)
