@@ -54,21 +54,47 @@ def load_model(cfg):
   return model, family, model_config, source
 
 
-def synthetic_scenes(data):
-  from geojax.data.synthetic import render_scene
-  for i in range(data.num_scenes):
-    yield f"scene_{i:04d}", render_scene(data.seed, i, num_views=data.num_views,
-                                         height=data.height, width=data.width)
+def scene_list(data) -> tuple[list, int]:
+  """``(iterable of (name, scene), count)`` for ``data.source``; scenes load lazily."""
+  if data.source == "synthetic":
+    from geojax.data.synthetic import render_scene
+    if data.num_scenes < 1:
+      raise ValueError(f"data.num_scenes must be >= 1; got {data.num_scenes}")
+    gen = ((f"scene_{i:04d}", render_scene(data.seed, i, num_views=data.num_views,
+                                           height=data.height, width=data.width))
+           for i in range(data.num_scenes))
+    return gen, data.num_scenes
+  if data.source == "scene_folder":
+    from geojax.data.formats.scene_folder import read_scene
+    root = data.path
+    if not root or not os.path.isdir(root):
+      raise FileNotFoundError(f"data.path {root!r} is not a directory (a scene folder or a "
+                              "folder of scene folders)")
+    if os.path.isfile(os.path.join(root, "cameras.json")):
+      dirs = [root]
+    else:
+      dirs = [os.path.join(root, d) for d in sorted(os.listdir(root))
+              if os.path.isfile(os.path.join(root, d, "cameras.json"))]
+    if not dirs:
+      raise ValueError(f"data.path {root}: no scene folder (with cameras.json) found")
+    dirs = dirs[:data.num_scenes] if data.num_scenes > 0 else dirs
+    return ((os.path.basename(os.path.normpath(d)), read_scene(d)) for d in dirs), len(dirs)
+  if data.source == "colmap":
+    from geojax.data.formats.colmap import read_colmap_scene
+    if not data.path or not os.path.isdir(data.path):
+      raise FileNotFoundError(f"data.path {data.path!r} is not a COLMAP sparse model folder")
+    images = data.images or os.path.join(os.path.dirname(os.path.normpath(data.path)), "images")
+    scene = read_colmap_scene(data.path, images)
+    return iter([(os.path.basename(os.path.normpath(data.path)), scene)]), 1
+  raise ValueError(f"data.source {data.source!r} is not one of synthetic, scene_folder, colmap")
 
 
 def evaluate(cfg) -> dict:
   from tqdm import tqdm
 
   from geojax.eval import evaluator
-  if cfg.data.source != "synthetic":
-    raise ValueError(f"data.source {cfg.data.source!r} is not supported; available: 'synthetic'")
-  if cfg.data.num_scenes < 1:
-    raise ValueError(f"data.num_scenes must be >= 1; got {cfg.data.num_scenes}")
+  scenes, n_scenes = scene_list(cfg.data)
+  has_depth = cfg.data.source != "colmap"  # COLMAP sparse models carry cameras, no dense depth
   options = dict(depth_align=cfg.depth_align, pose_thresholds=tuple(cfg.pose_thresholds),
                  pointcloud_threshold=cfg.pointcloud_threshold,
                  pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth)
@@ -78,16 +104,17 @@ def evaluate(cfg) -> dict:
   from geojax.models import registry
   family = registry.get_family(cfg.model.family)
   if not cfg.model.checkpoint:  # checkpoints carry their own config; checked after loading
-    evaluator.parse_groups(cfg.metrics, family.predicts({"preset": cfg.model.preset}))
+    evaluator.parse_groups(cfg.metrics, family.predicts({"preset": cfg.model.preset}),
+                           has_depth=has_depth)
   out_dir = evaluator.prepare_out_dir(cfg.out_dir, cfg.overwrite)
   model, family, model_config, source = load_model(cfg)
-  groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config))
+  groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config),
+                                         has_depth=has_depth)
   predict = family.predictor(model, dict(process_res=cfg.model.process_res,
                                          ref_view_strategy=cfg.model.ref_view_strategy,
                                          use_ray_pose=cfg.model.use_ray_pose))
-  rows = evaluator.run(predict, synthetic_scenes(cfg.data), groups, options, out_dir,
-                       cfg.pictures, progress=lambda it: tqdm(it, total=cfg.data.num_scenes,
-                                                              desc="scenes", unit="scene"))
+  rows = evaluator.run(predict, scenes, groups, options, out_dir, cfg.pictures and has_depth,
+                       progress=lambda it: tqdm(it, total=n_scenes, desc="scenes", unit="scene"))
   mean = evaluator.aggregate(rows)
   meta = {"model": {"family": family.name, "config": model_config, "source": source},
           "groups": list(groups), "notes": notes, "config": cfg.to_dict()}

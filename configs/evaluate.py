@@ -12,9 +12,13 @@ Fields:
     test of the pipeline.
   model.process_res: long side the views are resized to (rounded to multiples of 14).
   model.ref_view_strategy, model.use_ray_pose: DA3 inference options.
-  data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``).
+  data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``), ``scene_folder``
+    (``data.path`` is one scene folder or a folder of them, ``geojax.data.formats``) or
+    ``colmap`` (``data.path`` is a sparse model folder, ``data.images`` its images folder,
+    default ``<path>/../images``; cameras only, so only pose metrics apply).
   data.seed, data.num_scenes, data.num_views, data.height, data.width: synthetic scene family,
-    how many scenes, views per scene and their resolution.
+    how many scenes, views per scene and their resolution (``num_scenes`` also caps the scene
+    folders read; 0 = all).
   data.max_depth: ground-truth depth above this is ignored (0 = no limit).
   metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``) or ``all``;
     groups that do not apply to the model's outputs are skipped with a note.
@@ -38,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       family="da3", preset=arg or "da3-small", checkpoint="", weights="", seed=0,
       process_res=504, ref_view_strategy="saddle_balanced", use_ray_pose=False))
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic", seed=0, num_scenes=4, num_views=4, height=280, width=504,
-      max_depth=0.0))
+      source="synthetic", path="", images="", seed=0, num_scenes=4, num_views=4, height=280,
+      width=504, max_depth=0.0))
   c.metrics = "all"
   c.depth_align = "median"
   c.pose_thresholds = (3, 5, 15, 30)

@@ -107,3 +107,33 @@ def test_depth_only_model_skips_pose(tmp_path):
   assert groups == ("depth", "pointcloud") and "pose" in notes[0]
   with pytest.raises(ValueError, match="unknown metric group"):
     evaluator.parse_groups("depth,chamfer", ("depth",))
+
+
+def test_scene_folder_and_colmap_sources(tmp_path):
+  """evaluate.py reads scene folders (all metrics) and COLMAP models (pose metrics only)."""
+  from PIL import Image
+
+  from geojax.data.formats import colmap, scene_folder
+  from geojax.data.synthetic import render_scene
+  scenes = [render_scene(1, i, num_views=3, height=56, width=84) for i in range(2)]
+  for i, sc in enumerate(scenes):
+    scene_folder.write_scene(sc, str(tmp_path / "scenes" / f"room{i}"))
+  res = evaluate.evaluate(small_config(tmp_path / "a", **{"data.source": "scene_folder",
+                                                        "data.path": str(tmp_path / "scenes")}))
+  assert [r["scene"] for r in res["scenes"]] == ["room0", "room1"]
+  assert {"abs_rel", "auc30", "fscore"} <= set(res["mean"])
+  assert (tmp_path / "a" / "pictures" / "room1.png").exists()
+
+  sc = scenes[0]
+  names = [f"{i:06d}.png" for i in range(3)]
+  (tmp_path / "images").mkdir()
+  for i, n in enumerate(names):
+    Image.fromarray(sc["images"][i]).save(tmp_path / "images" / n)
+  colmap.write_model(colmap.model_from_scene(sc, points_per_view=20, names=names),
+                     str(tmp_path / "sparse"), binary=True)
+  res = evaluate.evaluate(small_config(tmp_path / "b", **{"data.source": "colmap",
+                                                        "data.path": str(tmp_path / "sparse")}))
+  assert "auc30" in res["mean"] and "abs_rel" not in res["mean"]
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    evaluate.evaluate(small_config(tmp_path / "c", **{"data.source": "scene_folder",
+                                                     "data.path": str(tmp_path / "nowhere")}))

@@ -31,8 +31,13 @@ GROUPS = ("depth", "pose", "pointcloud")
 NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth"}
 
 
-def parse_groups(spec: str, predicts: tuple[str, ...]) -> tuple[tuple[str, ...], list[str]]:
-  """``"all"`` or ``"depth,pose"`` -> (groups to run, notes on groups skipped)."""
+def parse_groups(spec: str, predicts: tuple[str, ...], has_depth: bool = True
+                 ) -> tuple[tuple[str, ...], list[str]]:
+  """``"all"`` or ``"depth,pose"`` -> (groups to run, notes on groups skipped).
+
+  A group is skipped (with a note) when the model does not predict what it needs, or when the
+  dataset has no ground-truth depth (``has_depth=False``, e.g. COLMAP sparse models).
+  """
   names = GROUPS if spec.strip() == "all" else tuple(
       s.strip() for s in spec.split(",") if s.strip())
   unknown = [n for n in names if n not in GROUPS]
@@ -41,14 +46,18 @@ def parse_groups(spec: str, predicts: tuple[str, ...]) -> tuple[tuple[str, ...],
                      f"{', '.join(GROUPS)} or 'all'")
   run, notes = [], []
   for n in names:
-    if NEEDS[n] in predicts:
-      run.append(n)
-    else:
+    if NEEDS[n] not in predicts:
       notes.append(f"{n}: skipped, the model does not predict {NEEDS[n]}")
+    elif n in ("depth", "pointcloud") and not has_depth:
+      notes.append(f"{n}: skipped, the dataset has no ground-truth depth")
+    else:
+      run.append(n)
   return tuple(run), notes
 
 
 def valid_mask(scene: dict[str, np.ndarray], max_depth: float) -> np.ndarray:
+  if "depth" not in scene:
+    raise ValueError("scene has no ground-truth depth; choose --config.metrics=pose")
   d = scene["depth"]
   m = scene["valid"] & np.isfinite(d) & (d > 0)
   if max_depth > 0:
@@ -60,7 +69,7 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
                 groups: Iterable[str], options: dict[str, Any]) -> dict[str, float]:
   """All metrics of one scene as a flat ``{name: value}`` dict."""
   out: dict[str, float] = {}
-  s = scene["depth"].shape[0]
+  s = scene["extrinsics"].shape[0]
   if "depth" in groups:
     per_view = [M.depth_metrics(pred["depth"][i], scene["depth"][i], mask[i],
                                 align=options["depth_align"]) for i in range(s) if mask[i].any()]
@@ -152,14 +161,17 @@ def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
         progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict[str, Any]]:
   """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``."""
   rows = []
+  need_depth = any(g in groups for g in ("depth", "pointcloud"))
   for name, scene in progress(scenes):
-    mask = valid_mask(scene, float(options.get("max_depth", 0.0)))
-    if not mask.any():
+    mask = valid_mask(scene, float(options.get("max_depth", 0.0))) if need_depth else None
+    if need_depth and not mask.any():
       raise ValueError(f"scene {name}: no valid ground-truth depth (all pixels masked; "
                        f"max_depth={options.get('max_depth', 0.0)})")
     pred = predict(scene["images"])
     rows.append({"scene": name, **score_scene(pred, scene, mask, groups, options)})
-    if pictures and out_dir:
+    if len(rows[-1]) == 1:
+      raise ValueError(f"scene {name}: no metric applies (pose needs >= 2 views)")
+    if pictures and out_dir and mask is not None:
       viz.save_png(os.path.join(out_dir, "pictures", f"{name}.png"),
                    scene_picture(scene["images"], pred, scene, mask, options["depth_align"]),
                    overwrite=True)
