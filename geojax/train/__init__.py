@@ -1,8 +1,9 @@
-"""Training utilities: the shared Optax optimizer (AdamW, schedules, decay masks, LR groups, EMA)."""
+"""Training utilities: the shared Optax optimizer (AdamW, schedules, decay masks, LR groups,
+EMA) and the train state / jitted train step (:mod:`geojax.train.step`)."""
 
 from __future__ import annotations
 
-from geojax.train import optim
+from geojax.train import optim, step
 from geojax.train.optim import (
     FROZEN_LABEL,
     OPTIMIZERS,
@@ -20,8 +21,15 @@ from geojax.train.optim import (
     weight_decay_mask,
 )
 
+from geojax.train.step import TrainState, check_health, init_state, make_train_step
+
 __all__ = [
     "optim",
+    "step",
+    "TrainState",
+    "check_health",
+    "init_state",
+    "make_train_step",
     "FROZEN_LABEL",
     "OPTIMIZERS",
     "SCHEDULES",
