@@ -98,9 +98,9 @@ def evaluate(cfg) -> dict:
   options = dict(depth_align=cfg.depth_align, pose_thresholds=tuple(cfg.pose_thresholds),
                  pointcloud_threshold=cfg.pointcloud_threshold,
                  pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth)
-  if cfg.depth_align not in ("none", "median", "scale", "scale_shift", "disparity_affine"):
-    raise ValueError(f"depth_align {cfg.depth_align!r} is not one of none, median, scale, "
-                     "scale_shift, disparity_affine")
+  from geojax.geometry.alignment import ALIGN_MODES
+  if cfg.depth_align not in ALIGN_MODES:
+    raise ValueError(f"depth_align {cfg.depth_align!r} is not one of {', '.join(ALIGN_MODES)}")
   from geojax.models import registry
   family = registry.get_family(cfg.model.family)
   if not cfg.model.checkpoint:  # checkpoints carry their own config; checked after loading

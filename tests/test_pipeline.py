@@ -181,7 +181,7 @@ def test_d4rt_queries():
   assert abs(b["query_near_edge"][0].mean() - 0.3) < 0.01
   assert abs((q[:, 3] == q[:, 4]).mean() - 0.4) < 0.05
   assert (q[:, :2] > 0).all() and (q[:, :2] < 1).all()
-  edges = T.depth_edges(b["depth"][0], b["valid"][0])
+  edges = T.query_boundaries(b["depth"][0], b["valid"][0])
   px = b["query_pixels"][0]
   near = b["query_near_edge"][0]
   ts = q[:, 2].astype(int)

@@ -52,6 +52,9 @@ def ray_map(intrinsics: np.ndarray, extrinsics: np.ndarray, hw: tuple[int, int])
 def scale_intrinsics(k: np.ndarray, sx: float, sy: float) -> np.ndarray:
   """Intrinsics ``(..., 3, 3)`` after resizing by ``(sx, sy)`` under the pixel-centre convention.
 
+  Host (NumPy, float64) twin of :func:`geojax.geometry.camera.scale_intrinsics` with
+  ``offset=0``, so that Grain workers need no JAX.
+
   ``fx' = sx fx``, ``cx' = sx (cx + 0.5) - 0.5`` (same for y); the skew scales with ``sx``.
   """
   k = np.array(k, np.float64, copy=True)
@@ -254,8 +257,11 @@ def gridmix_crop(scene: dict, n: int, rng: np.random.Generator | None, grid: int
 # ------------------------------------------------------------------------------- D4RT queries
 
 
-def depth_edges(depth: np.ndarray, valid: np.ndarray, threshold: float = 0.05) -> np.ndarray:
-  """Depth-boundary mask (S, H, W), dilated by one pixel.
+def query_boundaries(depth: np.ndarray, valid: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+  """Depth-boundary mask (S, H, W), dilated by one pixel, for D4RT query sampling.
+
+  Not MoGe's relative depth-edge rule (:func:`geojax.geometry.normals.depth_edges`), which marks
+  slanted planes near the horizon as edges.
 
   A pixel is a boundary when the 4-neighbour Laplacian of inverse depth, relative to its own
   inverse depth, exceeds ``threshold`` (inverse depth is affine in the pixel coordinates on any
@@ -298,7 +304,7 @@ def sample_d4rt_queries(scene: dict, rng: np.random.Generator, num_queries: int 
   ``t_cam = t_tgt`` with probability ``same_time_prob``, otherwise uniform over the *other* frames
   (so the fraction with ``t_cam == t_tgt`` is ``same_time_prob`` whenever ``S > 1``).
   ``round(edge_fraction * N)`` queries are drawn among pixels near depth (or, with tracks, motion)
-  boundaries (:func:`depth_edges`), the rest uniformly among valid pixels.
+  boundaries (:func:`query_boundaries`), the rest uniformly among valid pixels.
 
   Ground truth: the chosen pixel's depth gives the point at ``t_src``,
   ``X_world = c2w[t_src] (d K^-1 [u, v, 1])``, exactly consistent with the depth map. A scene
@@ -321,7 +327,7 @@ def sample_d4rt_queries(scene: dict, rng: np.random.Generator, num_queries: int 
     t_cam = np.where(same, t_tgt, other)
   else:
     t_cam = t_tgt.copy()
-  edges = depth_edges(depth, valid, edge_threshold) & valid
+  edges = query_boundaries(depth, valid, edge_threshold) & valid
   if "tracks" in scene and "track_visible" in scene:
     edges |= _motion_edges(scene) & valid
   n_edge = int(round(edge_fraction * n))
