@@ -36,7 +36,7 @@ def test_bad_inputs_raise_clear_errors(small):
   with pytest.raises(ValueError, match="ref_view_strategy"):
     small(x, ref_view_strategy="best")
   with pytest.raises(ValueError, match="unknown DA3 preset"):
-    DA3.from_preset("da3-tiny", rngs=nnx.Rngs(0))
+    DA3.from_preset("da3-huge", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="export_feat_layers"):
     small(x, export_feat_layers=(12,))
 

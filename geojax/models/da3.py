@@ -32,7 +32,7 @@ from geojax.parallel.sharding import create, creation_context
 
 PATCH = 14
 VIT = {  # name: (dim, depth, heads, ffn)
-    "vits": (384, 12, 6, "mlp"), "vitb": (768, 12, 12, "mlp"),
+    "vitt": (192, 12, 3, "mlp"), "vits": (384, 12, 6, "mlp"), "vitb": (768, 12, 12, "mlp"),
     "vitl": (1024, 24, 16, "mlp"), "vitg": (1536, 40, 24, "swiglu")}
 MIN_VIEWS_FOR_REF_SELECTION = 3
 
@@ -42,7 +42,7 @@ class DA3Config:
   """One DA3 network. Runtime fields (last four) can be overridden in ``from_preset``.
 
   Attributes:
-    vit: backbone size, one of ``vits``, ``vitb``, ``vitl``, ``vitg``.
+    vit: backbone size, one of ``vitt`` (geojax-only), ``vits``, ``vitb``, ``vitl``, ``vitg``.
     out_layers: the four blocks whose outputs feed the head.
     alt_start: first block with RoPE/QK-norm/alternation; -1 for a plain monocular ViT.
     head: ``"dualdpt"`` (depth + rays) or ``"dpt"`` (depth + sky).
@@ -94,6 +94,9 @@ PRESETS: dict[str, DA3Config] = {
                            out_channels=(256, 512, 1024, 1024), **_ANY),
     "da3-giant": DA3Config("vitg", (19, 27, 33, 39), 13, features=256,
                            out_channels=(256, 512, 1024, 1024), gs_head=True, **_ANY),
+    # geojax-only (no official weights): a ViT-Ti/14 DA3 for CPU demos and tests.
+    "da3-tiny": DA3Config("vitt", (5, 7, 9, 11), 4, features=32, out_channels=(24, 48, 96, 192),
+                          **_ANY),
     "da3metric-large": _MONO,
     "da3mono-large": _MONO,
 }
@@ -120,6 +123,13 @@ class DA3Backbone(nnx.Module):
                       dtype=cfg.dtype, rngs=rngs)
     self.camera_token = (nnx.Param(jax.random.normal(rngs.params(), (1, 2, dim)))
                          if alt != -1 else None)
+
+  def placeholder_token(self, b: int, s: int) -> jax.Array:
+    """The learned camera token used without poses: one for view 0, one for the others."""
+    ct = self.camera_token[...]
+    c = ct.shape[-1]
+    return jnp.concatenate([jnp.broadcast_to(ct[:, :1], (b, 1, c)),
+                            jnp.broadcast_to(ct[:, 1:], (b, s - 1, c))], 1)
 
   def _segments(self, export: Sequence[int]):
     cfg = self.cfg
@@ -153,9 +163,7 @@ class DA3Backbone(nnx.Module):
         x, local_x = views.reorder_views(x, ref), views.reorder_views(local_x, ref)
       if cfg.alt_start != -1 and a == cfg.alt_start:
         if cam_token is None:
-          ct = self.camera_token[...].astype(x.dtype)
-          cam_token = jnp.concatenate([jnp.broadcast_to(ct[:, :1], (b, 1, c)),
-                                       jnp.broadcast_to(ct[:, 1:], (b, s - 1, c))], 1)
+          cam_token = self.placeholder_token(b, s)
         x = x.at[:, :, 0].set(cam_token.astype(x.dtype))
       stack, start = vit.stack_of(a)
       use_rope = cfg.alt_start != -1 and a >= cfg.alt_start
@@ -275,7 +283,8 @@ class DA3(nnx.Module):
                intrinsics: jax.Array | None = None, *, ref_view_strategy: str = "saddle_balanced",
                export_feat_layers: Sequence[int] = (), use_ray_pose: bool = False,
                normalize_poses: bool = True, infer_gs: bool = False, ray_pose_seed: int = 0,
-               return_backbone: bool = False) -> dict[str, Any]:
+               return_backbone: bool = False, pose_mask: jax.Array | None = None
+               ) -> dict[str, Any]:
     """Run the network.
 
     Args:
@@ -291,6 +300,9 @@ class DA3(nnx.Module):
       infer_gs: also return raw per-pixel Gaussian parameters from the GS head (giant).
       return_backbone: also return the four head inputs as ``backbone``: a list of
         ``(features (B, S, h*w, D), camera_token (B, S, D))``.
+      pose_mask: optional ``(B,)`` bool with given cameras: samples where it is False use the
+        learned placeholder token instead of the encoded poses (training's random pose
+        conditioning). No reference view is selected when cameras are given.
 
     Returns:
       ``depth``, ``depth_conf`` ``(B, S, H, W)``; ``ray`` ``(B, S, 8h, 8w, 6)``, ``ray_conf``;
@@ -317,6 +329,13 @@ class DA3(nnx.Module):
       if normalize_poses:
         ext = camera.normalize_extrinsics(ext)
       cam_token = self.cam_enc(ext, intrinsics.astype(jnp.float32), image_hw)
+      if pose_mask is not None:
+        if tuple(jnp.shape(pose_mask)) != (b,):
+          raise ValueError(f"pose_mask must be ({b},) bool; got shape {tuple(jnp.shape(pose_mask))}")
+        cam_token = jnp.where(jnp.asarray(pose_mask)[:, None, None], cam_token,
+                              self.backbone.placeholder_token(b, s).astype(cam_token.dtype))
+    elif pose_mask is not None:
+      raise ValueError("pose_mask needs extrinsics and intrinsics")
     feats, toks, aux = self.backbone(images, cam_token, ref_view_strategy, export_feat_layers)
     flat = [f.reshape(b * s, *f.shape[2:]) for f in feats]
     head = self.head(flat, image_hw)

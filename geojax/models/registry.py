@@ -77,14 +77,22 @@ def _resize_map(x: np.ndarray, h: int, w: int) -> np.ndarray:
 # DA3
 
 
+def _overrides(config: dict[str, Any]) -> dict[str, Any]:
+  """Runtime overrides of a stored config; ``dtype`` is stored as a string (``"bfloat16"``)."""
+  out = dict(config.get("overrides", {}))
+  if isinstance(out.get("dtype"), str):
+    out["dtype"] = jnp.dtype(out["dtype"])
+  return out
+
+
 def _da3_build(config: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
   from geojax.models import da3
-  return da3.DA3.from_preset(config["preset"], rngs=rngs, **config.get("overrides", {}))
+  return da3.DA3.from_preset(config["preset"], rngs=rngs, **_overrides(config))
 
 
 def _da3_load(path: str, config: dict[str, Any]) -> nnx.Module:
   from geojax.convert.da3 import load_official
-  return load_official(path, config.get("preset") or None)
+  return load_official(path, config.get("preset") or None, **_overrides(config))
 
 
 def _da3_predicts(config: dict[str, Any]) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ renames it when complete, so an interrupted or crashed save is never picked up b
 until the last one is on disk.
 
 Retention: the newest ``keep_last`` steps, plus the ``keep_best`` best by ``best_metric`` (a key
-of the metrics passed to :meth:`save`; ``best_mode`` ``"min"`` or ``"max"``).
+of the metrics passed to :meth:`save`; ``best_mode`` ``"min"`` or ``"max"``; a save without that
+metric counts as the worst).
 
 Restoring onto another mesh: pass an abstract state whose leaves carry the new shardings
 (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``, e.g. from :func:`abstract_like`); Orbax
@@ -44,7 +45,8 @@ class TrainCheckpointer:
     self.directory = os.path.abspath(directory)
     keep = [policies.LatestN(n=keep_last)]
     if best_metric:
-      keep.append(policies.BestN(get_metric_fn=lambda m: m[best_metric],
+      worst = float("inf") if best_mode == "min" else float("-inf")
+      keep.append(policies.BestN(get_metric_fn=lambda m: m.get(best_metric, worst),
                                  reverse=best_mode == "min", n=keep_best,
                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(

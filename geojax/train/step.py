@@ -61,12 +61,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     *, ema_decay: float = 0.0, donate: bool = True):
   """``step(state, batch, rng) -> (state, metrics)`` compiled with ``jax.jit``.
 
+  ``loss_fn`` receives dict batches with ``train_step`` (the state's int32 step) added.
   ``metrics`` holds ``loss``, ``grad_norm``, ``finite`` (bool), ``skipped``, ``bad_in_row`` and
   every scalar of the loss's ``aux`` dict. The incoming state is donated unless ``donate`` is
   False.
   """
 
   def step(state: TrainState, batch, rng):
+    if isinstance(batch, dict):  # schedules inside the loss (e.g. DA3's teacher switch)
+      batch = dict(batch, train_step=state.step)
+
     def objective(params):
       model = nnx.merge(graphdef, params, state.rest)
       loss, aux = loss_fn(model, batch, rng)

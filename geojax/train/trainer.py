@@ -1,0 +1,397 @@
+"""The training loop shared by every model family (``train.py`` calls :func:`train`).
+
+One run lives in a *workdir*::
+
+  workdir/
+    checkpoints/<step>/   Orbax: train state, Grain iterator state, config (last N + best)
+    tensorboard/          TensorBoard event files (scalars, eval metrics, depth pictures)
+    eval/step_<N>/        results.json, scenes.csv, pictures/ of each periodic evaluation
+    model/                final model checkpoint (EMA if enabled), for evaluate.py / predict
+    summary.json          first and last evaluation, steps, seconds (path: config.summary_path)
+
+Order of events: build the mesh and create model and optimizer state directly sharded under the
+config's logical-axis rules; resume from the newest complete checkpoint if there is one
+(parameters, optimizer, EMA, step and the data iterator's position); then loop over jitted,
+donated train steps. SIGTERM makes the loop save a checkpoint at the current step and return
+cleanly (``summary["preempted"]``); rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from geojax.data import pipeline
+from geojax.parallel import sharding
+from geojax.train import optim
+from geojax.train.checkpoint import TrainCheckpointer, abstract_like
+from geojax.train.step import check_health, init_state, make_train_step, model_from_state
+from geojax.train.tasks import make_task
+
+DTYPES = {"float32": None, "bfloat16": "bfloat16", "float16": "float16"}
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def maybe_initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` when the config names a coordinator (or a cluster
+  environment that JAX detects by itself sets ``config.distributed.auto``)."""
+  d = config.get("distributed")
+  if d is None:
+    return
+  if d.coordinator_address:
+    if d.num_processes < 1 or not 0 <= d.process_id < d.num_processes:
+      raise ValueError(f"distributed: process_id {d.process_id} / num_processes "
+                       f"{d.num_processes} are inconsistent")
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes, process_id=d.process_id,
+                               initialization_timeout=int(d.timeout_s))
+  elif d.auto:
+    jax.distributed.initialize()
+
+
+def model_config(config) -> dict[str, Any]:
+  """The JSON-able family config stored with checkpoints (``registry.Family.build`` input)."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}; got {m.dtype!r}")
+  overrides = dict(attn_impl=m.attn_impl, remat=m.remat, scan=bool(m.scan))
+  if DTYPES[m.dtype]:
+    overrides["dtype"] = DTYPES[m.dtype]
+  return {"preset": m.preset, "overrides": overrides}
+
+
+def pipeline_config(config) -> pipeline.PipelineConfig:
+  d = config.data
+  fields = {f.name for f in dataclasses.fields(pipeline.PipelineConfig)}
+  given = dict(d.pipeline)
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ValueError(f"config.data.pipeline has unknown fields {unknown}")
+  given["batch_size"] = int(config.batch_size)
+  given["buckets"] = tuple(tuple(b) for b in given.get("buckets", ((d.height, d.width),)))
+  return pipeline.PipelineConfig(**given)
+
+
+def make_source(data, split: str = "train"):
+  """The random-access scene source named by ``data.source``."""
+  if data.source == "synthetic":
+    return pipeline.SyntheticSource(data.seed, data.num_scenes, data.num_views, data.height,
+                                    data.width)
+  if data.source == "folder":
+    from geojax.data.formats.scene_folder import SceneFolderSource
+    if not data.path:
+      raise ValueError("data.path must name a folder of scene folders for data.source=folder")
+    return SceneFolderSource(data.path, on_error="skip")
+  if data.source == "tfds":
+    from geojax.data.tfds_builder import load_data_source
+    if not data.path:
+      raise ValueError("data.path must name a built TFDS dataset folder for data.source=tfds")
+    return load_data_source(data.path, split)
+  raise ValueError(f"data.source {data.source!r} is not one of synthetic, folder, tfds")
+
+
+_NUMERIC = "biufc"
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+  """Numeric arrays of a host batch -> global arrays sharded over the batch axes."""
+  arrays = {k: v for k, v in batch.items()
+            if isinstance(v, np.ndarray) and v.dtype.kind in _NUMERIC}
+  return pipeline.to_global_batch(arrays, mesh)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls (installed only in the main thread)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _reshard_like(src: nnx.Module, dst: nnx.Module) -> None:
+  """Copy ``src``'s parameters into the (sharded) ``dst`` leaf by leaf."""
+  s_state, d_state = nnx.state(src), nnx.state(dst)
+  s_paths = {p for p, _ in jax.tree_util.tree_leaves_with_path(s_state)}
+  d_paths = {p for p, _ in jax.tree_util.tree_leaves_with_path(d_state)}
+  if s_paths != d_paths:
+    missing = sorted(map(jax.tree_util.keystr, d_paths - s_paths))[:5]
+    raise ValueError(f"init weights do not match the model config (missing e.g. {missing})")
+  new = jax.tree.map(lambda s, d: jax.device_put(jnp.asarray(s, d.dtype), d.sharding),
+                     s_state, d_state)
+  nnx.update(dst, new)
+
+
+def build_model(config, family, mconfig: dict) -> nnx.Module:
+  """Random init under the active mesh, then optional initial weights (official or geojax)."""
+  model = family.build(mconfig, nnx.Rngs(int(config.seed)))
+  init = config.init
+  if init.weights and init.checkpoint:
+    raise ValueError("init: set either init.weights or init.checkpoint, not both")
+  if init.weights:
+    if not os.path.exists(init.weights):
+      raise FileNotFoundError(f"init.weights {init.weights} does not exist")
+    src = family.load_official(init.weights, mconfig)
+    _reshard_like(src, model)
+    logging.info("initialised from official weights %s", init.weights)
+  elif init.checkpoint:
+    from geojax.io import checkpoint as model_ckpt
+    info = model_ckpt.read_model_info(init.checkpoint)
+    if info["family"] != family.name:
+      raise ValueError(f"init.checkpoint holds a {info['family']!r} model, not {family.name!r}")
+    model = model_ckpt.restore_state(init.checkpoint, model)
+    logging.info("initialised from geojax checkpoint %s", init.checkpoint)
+  return model
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(config, family, mconfig: dict, model: nnx.Module, out_dir: str
+                   ) -> dict[str, float]:
+  """Score ``model`` on ``config.eval``'s held-out synthetic scenes; writes ``out_dir``."""
+  from geojax.data.synthetic import render_scene
+  from geojax.eval import evaluator
+  e = config.eval
+  groups, notes = evaluator.parse_groups(e.metrics, family.predicts(mconfig))
+  scenes = ((f"scene_{i:04d}", render_scene(e.seed, i, num_views=e.num_views, height=e.height,
+                                            width=e.width)) for i in range(e.num_scenes))
+  options = dict(depth_align=e.depth_align, pose_thresholds=tuple(e.pose_thresholds),
+                 pointcloud_threshold=e.pointcloud_threshold, pointcloud_max_points=100_000,
+                 max_depth=0.0)
+  predict = family.predictor(model, dict(process_res=max(e.height, e.width),
+                                         ref_view_strategy=e.ref_view_strategy))
+  out_dir = evaluator.prepare_out_dir(out_dir, overwrite=True)
+  rows = evaluator.run(predict, scenes, groups, options, out_dir, bool(e.pictures))
+  mean = evaluator.aggregate(rows)
+  evaluator.write_results(out_dir, rows, mean, {"model": {"family": family.name,
+                                                           "config": mconfig},
+                                                 "groups": list(groups), "notes": notes})
+  return mean
+
+
+def _log_pictures(tb, out_dir: str, step: int, limit: int) -> None:
+  from PIL import Image
+  pics = os.path.join(out_dir, "pictures")
+  if not os.path.isdir(pics):
+    return
+  for name in sorted(os.listdir(pics))[:limit]:
+    tb.image(f"eval/{os.path.splitext(name)[0]}", np.asarray(Image.open(os.path.join(pics, name))),
+             step)
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+def _format(metrics: dict[str, float], keys=None) -> str:
+  keys = keys or sorted(metrics)
+  return " ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Train (or resume) the run in ``workdir``; returns the summary dict (also written as JSON).
+
+  Raises ``ValueError`` for inconsistent configs and ``FloatingPointError`` after
+  ``config.max_bad_in_row`` consecutive non-finite steps.
+  """
+  from geojax.models import registry
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  family = registry.get_family(config.model.family)
+  mconfig = model_config(config)
+  task = make_task(config)
+  pcfg = pipeline_config(config)
+  total = int(config.total_steps)
+  if total < 1:
+    raise ValueError(f"total_steps must be >= 1; got {total}")
+  if int(config.optim.total_steps) != total:
+    raise ValueError(f"optim.total_steps ({config.optim.total_steps}) != total_steps ({total}); "
+                     "set both (configs do this with a FieldReference)")
+  mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+  rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.mesh.rules)
+  chief = _is_chief()
+  os.makedirs(workdir, exist_ok=True)
+  summary_path = config.summary_path or os.path.join(workdir, "summary.json")
+  saved_config = json.loads(config.to_json())
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model = build_model(config, family, mconfig)
+    tx = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param))
+    ema_decay = float(config.optim.ema_decay)
+    graphdef, state = init_state(model, tx, ema=ema_decay > 0)
+    del model
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    source = make_source(config.data)
+    iterator = pipeline.make_iterator(source, pcfg, seed=int(config.data.seed))
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                             keep_last=int(config.checkpoint.keep_last),
+                             best_metric=config.checkpoint.best_metric or None,
+                             best_mode=config.checkpoint.best_mode,
+                             keep_best=int(config.checkpoint.keep_best),
+                             async_save=bool(config.checkpoint.async_save))
+    start = 0
+    history: dict[str, Any] = {}
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        history = json.load(f).get("history", {})
+    if ckpt.latest_step() is not None:
+      start = int(ckpt.latest_step())
+      state = ckpt.restore(abstract_like(state), data_iterator=iterator)
+      logging.info("resumed from %s at step %d", ckpt.directory, start)
+      if chief:
+        print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    step_fn = make_train_step(graphdef, tx, task.loss_fn, ema_decay=ema_decay)
+    key = jax.random.key(int(config.seed))
+
+    tb = None
+    if chief and config.tensorboard:
+      from geojax.io.tensorboard import SummaryWriter
+      tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if chief:
+      print(f"training {family.name} {config.model.preset} ({n_params / 1e6:.2f}M params) on "
+            f"mesh {dict(mesh.shape)}: steps {start}->{total}, batch {pcfg.batch_size}, "
+            f"workdir {workdir}", flush=True)
+
+    evals: dict[int, dict[str, float]] = {int(k): v for k, v in history.items()}
+    can_eval = config.eval.every > 0 or config.eval.at_start or config.eval.at_end
+    if can_eval and jax.process_count() > 1:
+      logging.warning("periodic evaluation runs single-process only; skipped")
+      can_eval = False
+
+    def run_eval(step: int) -> dict[str, float]:
+      m = model_from_state(graphdef, state, use_ema=bool(config.eval.use_ema) and ema_decay > 0)
+      out_dir = os.path.join(workdir, "eval", f"step_{step:07d}")
+      t0 = time.time()
+      res = evaluate_model(config, family, mconfig, m, out_dir)
+      evals[step] = res
+      if chief:
+        msg = _format(res, ("abs_rel", "delta1", "auc03", "auc30", "chamfer"))
+        print(f"eval @ step {step} ({time.time() - t0:.1f}s): {msg}", flush=True)
+        if tb is not None:
+          tb.scalars(res, step, prefix="eval")
+          _log_pictures(tb, out_dir, step, int(config.eval.tb_pictures))
+          tb.flush()
+      return res
+
+    def save(step: int, metrics: dict[str, float], force: bool = False) -> None:
+      best = dict(metrics)
+      if evals:
+        best.update(evals[max(evals)])
+      ckpt.save(step, state, data_iterator=iterator, config=saved_config, metrics=best,
+                force=force)
+
+    if can_eval and config.eval.at_start and start == 0 and 0 not in evals:
+      run_eval(0)
+
+    progress = None
+    if chief and config.progress:
+      from tqdm import tqdm
+      progress = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    log = (progress.write if progress is not None else (lambda s: print(s, flush=True)))
+    sched = optim.learning_rate_schedule(config.optim)
+    step = start
+    last: dict[str, float] = {}
+    preempted = False
+    t_loop = time.time()
+    timed_steps, t_timed = 0, None
+    with _Preemption() as preempt:
+      while step < total:
+        try:
+          host_batch = next(iterator)
+        except StopIteration:
+          log(f"data exhausted at step {step} (data.pipeline.num_epochs); stopping")
+          break
+        batch = _device_batch(host_batch, mesh)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+        step += 1
+        if step == start + 2:  # the first steps include compilation
+          t_timed, timed_steps = time.time(), 0
+        elif t_timed is not None:
+          timed_steps += 1
+        if progress is not None:
+          progress.update(1)
+        if step % config.log_every == 0 or step == total or preempt.requested:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_health(last, int(config.max_bad_in_row))
+          last["lr"] = float(sched(step - 1))  # the rate of the last update
+          if chief:
+            log(f"step {step}/{total} " + _format(last, ("loss", "depth", "ray", "point",
+                                                           "camera", "grad", "grad_norm",
+                                                           "lr", "skipped")))
+            if progress is not None:
+              progress.set_postfix(loss=f"{last['loss']:.4g}")
+            if tb is not None:
+              tb.scalars({k: v for k, v in last.items() if k != "finite"}, step, prefix="train")
+              if t_timed is not None and timed_steps:
+                tb.scalar("perf/steps_per_second", timed_steps / (time.time() - t_timed), step)
+              tb.flush()
+        if preempt.requested:
+          log(f"SIGTERM at step {step}: saving a checkpoint and exiting")
+          save(step, last, force=True)
+          preempted = True
+          break
+        periodic = config.eval.every > 0 and step % config.eval.every == 0
+        if can_eval and (periodic or (step == total and config.eval.at_end)):
+          run_eval(step)
+        if step % config.checkpoint.every == 0 or step == total:
+          save(step, last)
+    ckpt.wait()
+    ckpt.close()
+    if progress is not None:
+      progress.close()
+    if not preempted and step == total and config.export_model:  # every process takes part
+      from geojax.io import checkpoint as model_ckpt
+      m = model_from_state(graphdef, state, use_ema=ema_decay > 0)
+      model_ckpt.save_model(os.path.join(workdir, "model"), m, family.name, mconfig,
+                            overwrite=True)
+    if tb is not None:
+      tb.close()
+
+  seconds = time.time() - t_start
+  steps_per_s = timed_steps / (time.time() - t_timed) if t_timed and timed_steps else float("nan")
+  first = evals[min(evals)] if evals else {}
+  final = evals[max(evals)] if evals else {}
+  pick = lambda m: {k: m[k] for k in ("abs_rel", "delta1", "auc03", "auc30") if k in m}
+  summary = {"before": pick(first), "after": pick(final), "steps": step,
+             "seconds": round(seconds, 1), "preempted": preempted,
+             "steps_per_second": None if math.isnan(steps_per_s) else round(steps_per_s, 3),
+             "final_train": last,
+             "history": {str(k): v for k, v in sorted(evals.items())}}
+  if chief:
+    os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
+    tmp = summary_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(tmp, summary_path)
+  return summary
