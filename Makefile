@@ -19,14 +19,21 @@ $(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q --no-deps $(DA3_REF)
 	touch $@
 
-demo: $(VENV)/.installed
-	$(PY) demo.py
+DEMO_ARGS ?=
 
+demo: $(VENV)/.installed
+	$(PY) demo.py $(DEMO_ARGS)
+
+TEST_WORKERS ?= 2
+
+# The suite runs on TEST_WORKERS pytest-xdist workers, except the memory-heavy parity tests
+# (giant models in two frameworks), which run one at a time afterwards.
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) -m "not heavy"
+	$(PY) -m pytest -q -p no:cacheprovider -m heavy
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/da3_forward.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs runs/demo .pytest_cache

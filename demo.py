@@ -1,91 +1,112 @@
-"""`make demo`: run DA3 end to end on a built-in synthetic scene and save what it predicts.
+"""`make demo`: train a small DA3 on the built-in synthetic scenes, evaluate it, save what it sees.
 
-No checkpoint is downloaded (this machine may be offline): the model is a randomly initialised
-``da3-small`` unless ``--weights DIR`` points at an official checkpoint directory. The scene is
-rendered procedurally by ``geojax.data.synthetic`` (a textured room with objects), so the demo needs no data.
-It then evaluates the same model with ``evaluate.py`` on two more synthetic scenes with exact
-ground truth (metrics table, ``eval/results.json``, ``eval/scenes.csv``, ``eval/pictures/``).
-Outputs go to a new folder under ``outputs/`` (existing folders are never overwritten).
+1. Trains ``configs/da3.py:runlocal`` (a ``da3-tiny`` at 112x168, 3 views) on procedurally
+   rendered scenes (``geojax.data.synthetic``) on the CPU; the run directory is ``runs/demo``.
+2. Evaluates on held-out synthetic scenes before and after training (depth AbsRel and
+   delta1 after per-view median alignment, pose AUC@3/30): ``runs/demo/eval/step_*/``
+   holds results.json, scenes.csv and pictures (image | GT depth | predicted depth | error).
+3. Writes the trained model's predictions for the held-out scenes as ``.npz`` and depth PNGs
+   under ``runs/demo/predictions/``, and the summary ``runs/demo/summary.json``
+   (``{"before": {...}, "after": {...}, "steps": ..., "seconds": ...}``).
+
+An interrupted demo resumes where it stopped. A finished one is never overwritten: the demo
+prints its summary again unless ``--overwrite`` (``make demo DEMO_ARGS=--overwrite``) asks to
+train from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import time
+import shutil
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from PIL import Image
-
-from geojax.data.synthetic import render_scene
-from geojax.io.visualize import colorize_depth
-from geojax.models.da3 import DA3
-from geojax.models.registry import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
-from geojax.models.runner import jit_forward
-
-def new_run_dir(root: str) -> str:
-  os.makedirs(root, exist_ok=True)
-  i = 0
-  while os.path.exists(os.path.join(root, f"demo-{i:03d}")):
-    i += 1
-  path = os.path.join(root, f"demo-{i:03d}")
-  os.makedirs(path)
-  return path
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def main():
-  from geojax.runtime import enable_compilation_cache
-  enable_compilation_cache()
-  ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--preset", default="da3-small")
-  ap.add_argument("--weights", default=None, help="official DA3 checkpoint dir or .safetensors")
-  ap.add_argument("--views", type=int, default=3)
-  ap.add_argument("--out", default="outputs")
+def print_summary(summary: dict, path: str) -> None:
+  rows = [("depth AbsRel (lower is better)", "abs_rel"), ("depth delta1 (higher is better)", "delta1"),
+          ("pose AUC@30 (higher is better)", "auc30")]
+  print(f"\nDA3 demo: {summary['steps']} training steps in {summary['seconds']:.0f} s")
+  print(f"{'held-out synthetic scenes':34s} {'untrained':>10s} {'trained':>10s}")
+  for label, key in rows:
+    b, a = summary["before"].get(key), summary["after"].get(key)
+    if b is not None and a is not None:
+      print(f"{label:34s} {b:10.4f} {a:10.4f}")
+  print(f"summary: {path}")
+
+
+def write_predictions(workdir: str, config) -> str:
+  """Predictions of the trained model (``workdir/model``) for the held-out scenes."""
+  import numpy as np
+  from flax import nnx
+
+  from geojax.data.synthetic import render_scene
+  from geojax.io import checkpoint, visualize
+  from geojax.models import registry
+  info = checkpoint.read_model_info(os.path.join(workdir, "model"))
+  family = registry.get_family(info["family"])
+  abstract = nnx.eval_shape(lambda: family.build(info["config"], nnx.Rngs(0)))
+  model = checkpoint.restore_state(os.path.join(workdir, "model"), abstract)
+  e = config.eval
+  predict = family.predictor(model, dict(process_res=max(e.height, e.width)))
+  out = os.path.join(workdir, "predictions")
+  os.makedirs(out, exist_ok=True)
+  for i in range(e.num_scenes):
+    scene = render_scene(e.seed, i, num_views=e.num_views, height=e.height, width=e.width)
+    pred = predict(scene["images"])
+    np.savez(os.path.join(out, f"scene_{i:04d}.npz"), images=scene["images"], **pred)
+    tiles = [np.concatenate([im, visualize.colorize_depth(d)], 1)
+             for im, d in zip(scene["images"], pred["depth"])]
+    visualize.save_png(os.path.join(out, f"scene_{i:04d}.png"), np.concatenate(tiles, 0),
+                       overwrite=True)
+  return out
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--workdir", default=os.path.join("runs", "demo"))
+  ap.add_argument("--summary", default=None, help="summary JSON (default WORKDIR/summary.json)")
+  ap.add_argument("--steps", type=int, default=None, help="training steps (default: runlocal's)")
+  ap.add_argument("--overwrite", action="store_true", help="delete a finished demo and retrain")
   args = ap.parse_args()
 
-  images = render_scene(0, 0, num_views=args.views, height=280, width=504)["images"]
-  x = ((images.astype(np.float32) / 255 - MEAN) / STD)[None]
-  t0 = time.perf_counter()
-  if args.weights:
-    from geojax.convert.da3 import load_official
-    model = load_official(args.weights, args.preset)
-  else:
-    model = DA3.from_preset(args.preset, rngs=nnx.Rngs(0))
-  t1 = time.perf_counter()
-  fwd = jit_forward(model)
-  out = jax.block_until_ready(fwd(jnp.asarray(x)))
-  t2 = time.perf_counter()
-  out = jax.block_until_ready(fwd(jnp.asarray(x)))
-  t3 = time.perf_counter()
-  print(f"model {args.preset} ({'official weights' if args.weights else 'random init'}): "
-        f"built in {t1 - t0:.1f}s, first call (compile) {t2 - t1:.1f}s, "
-        f"second call {1e3 * (t3 - t2):.0f} ms for {args.views} views {images.shape[1]}x{images.shape[2]}")
-  for k, v in out.items():
-    if hasattr(v, "shape"):
-      print(f"  {k:12s} {tuple(v.shape)}")
-  run = new_run_dir(args.out)
-  np.savez(os.path.join(run, "predictions.npz"),
-           **{k: np.asarray(v) for k, v in out.items() if hasattr(v, "shape")})
-  for i in range(args.views):
-    depth = np.asarray(out["depth"][0, i])
-    Image.fromarray(np.concatenate([images[i], colorize_depth(depth)], 1)).save(
-        os.path.join(run, f"view{i}_depth.png"))
-  print(f"wrote {run}/predictions.npz and {args.views} pictures (input | depth)")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  sys.path.insert(0, ROOT)
+  from configs.da3 import get_config
+  from geojax.runtime import enable_compilation_cache
+  from geojax.train import trainer
 
-  # Score the same model on a few more synthetic scenes with ground truth (evaluate.py).
-  import sys
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import evaluate
-  from configs.evaluate import get_config
-  cfg = get_config(args.preset)
-  cfg.model.weights = args.weights or ""
-  cfg.data.num_scenes, cfg.data.num_views = 2, args.views
-  cfg.out_dir = os.path.join(run, "eval")
-  evaluate.evaluate(cfg)
+  config = get_config("runlocal")
+  if args.steps:
+    config.total_steps = args.steps
+  summary_path = os.path.abspath(args.summary or os.path.join(args.workdir, "summary.json"))
+  config.summary_path = summary_path
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      previous = json.load(f)
+    if previous.get("steps") == config.total_steps and not previous.get("preempted"):
+      if not args.overwrite:
+        print(f"{args.workdir} already holds a finished demo run; pass --overwrite "
+              "(make demo DEMO_ARGS=--overwrite) to train again.")
+        print_summary(previous, summary_path)
+        return 0
+      shutil.rmtree(args.workdir, ignore_errors=True)
+      os.remove(summary_path) if os.path.exists(summary_path) else None
+
+  enable_compilation_cache()
+  summary = trainer.train(config, args.workdir)
+  if summary["preempted"]:
+    print("stopped early; run `make demo` again to resume")
+    return 0
+  pred_dir = write_predictions(args.workdir, config)
+  print(f"predictions of the trained model: {pred_dir}/ (.npz + depth PNGs); evaluation "
+        f"pictures: {os.path.join(args.workdir, 'eval')}/step_*/pictures/")
+  print_summary(summary, summary_path)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

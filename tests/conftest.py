@@ -5,7 +5,8 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, shared with the subprocesses that
-# tests start (entry points read GEOJAX_CACHE_DIR): the same model compiled again hits it.
+# tests start (entry points read GEOJAX_CACHE_DIR) and with pytest-xdist workers (they inherit
+# the controller's environment; only the process that made the folder removes it).
 if "GEOJAX_CACHE_DIR" not in os.environ:
   os.environ["GEOJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="geojax-test-cache-")
   atexit.register(shutil.rmtree, os.environ["GEOJAX_CACHE_DIR"], True)

@@ -24,6 +24,10 @@ from geojax.models import da3 as da3_lib  # noqa: E402
 from geojax.models.runner import jit_forward  # noqa: E402
 from geojax.nn.layers import count_params  # noqa: E402
 
+# Memory-heavy (giant models in PyTorch and JAX side by side): `make test` runs these on their
+# own, after the rest of the suite has run on 2 pytest-xdist workers.
+pytestmark = pytest.mark.heavy
+
 TOL = 1e-4
 OFFICIAL_PARAMS = {
     "da3-small": 34_299_463, "da3-base": 135_366_599, "da3-large": 410_941_767,
