@@ -34,6 +34,7 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/da3_forward.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) outputs runs/demo .pytest_cache

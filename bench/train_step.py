@@ -93,7 +93,10 @@ def main():
   jax.block_until_ready(m)
 
   torch_step = None
-  if args.reference:
+  from geojax.models.da3 import OFFICIAL_PRESETS
+  if args.reference and preset not in OFFICIAL_PRESETS:
+    print(f"{preset} has no official counterpart; timing geojax only")
+  elif args.reference:
     import torch
     import da3_official as off
     from geojax.convert import da3 as conv
@@ -115,7 +118,12 @@ def main():
           out = net(xt)
       else:
         out = net(xt)
-      loss = (out["depth"].float() - dt).abs().mean() + out["ray"].float().abs().mean()
+      # L1 on depth plus the mean magnitude of every other tensor output (confidences,
+      # cameras; the official forward drops the ray map after solving poses from it).
+      loss = (out["depth"].float() - dt).abs().mean()
+      for k, v in out.items():
+        if k != "depth" and isinstance(v, torch.Tensor) and v.is_floating_point():
+          loss = loss + v.float().abs().mean()
       loss.backward()
       opt.step()
       if args.gpu:

@@ -102,6 +102,7 @@ PRESETS: dict[str, DA3Config] = {
 }
 NESTED = {"da3nested-giant-large": ("da3-giant", "da3metric-large")}
 PRESET_NAMES = tuple(PRESETS) + tuple(NESTED)
+OFFICIAL_PRESETS = tuple(p for p in PRESET_NAMES if p != "da3-tiny")  # with released weights
 
 
 def get_config(name: str, **overrides) -> DA3Config:
