@@ -28,7 +28,9 @@ Every field can be overridden on the command line (``--config.optim.lr=1e-4``). 
   data.pipeline: ``geojax.data.pipeline.PipelineConfig`` fields (buckets, min/max views,
     augmentation, workers, ...); ``batch_size`` comes from the top-level ``batch_size``.
   batch_size: global batch size (scenes per step, split over processes and the batch axes).
-  total_steps: optimizer steps; ``optim.total_steps`` follows it.
+  total_steps: training steps, one batch each (``optim.total_steps`` follows it). With
+    gradient accumulation (``optim.accum_steps = k``, a divisor of ``total_steps``) the
+    optimizer updates every k steps and its schedule runs over ``total_steps / k`` updates.
   optim: ``geojax.train.optim.default_optim_config`` (AdamW, warm-up + cosine, clipping,
     weight-decay mask, lr multipliers / frozen modules, EMA, gradient accumulation).
   loss: ``geojax.losses.da3.DA3LossConfig`` fields (term weights, ``conf_lambda``,

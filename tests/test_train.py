@@ -161,6 +161,8 @@ def test_bad_config_is_one_line_error(tmp_path):
   assert "train.py: error: model.dtype must be one of" in r.stderr
   r = _train(tmp_path / "bad2", "--config.data.source=folder")
   assert r.returncode == 2 and "data.path must name a folder" in r.stderr
+  r = _train(tmp_path / "bad3", "--config.optim.accum_steps=3")  # 400 steps
+  assert r.returncode == 2 and "must be a multiple of optim.accum_steps (3)" in r.stderr
 
 
 def _free_port() -> int:

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -235,9 +236,15 @@ def train(config, workdir: str) -> dict[str, Any]:
   total = int(config.total_steps)
   if total < 1:
     raise ValueError(f"total_steps must be >= 1; got {total}")
-  if int(config.optim.total_steps) != total:
-    raise ValueError(f"optim.total_steps ({config.optim.total_steps}) != total_steps ({total}); "
-                     "set both (configs do this with a FieldReference)")
+  accum = int(config.optim.accum_steps)
+  if accum < 1 or total % accum:
+    raise ValueError(f"total_steps ({total}) must be a multiple of optim.accum_steps ({accum})")
+  if int(config.optim.total_steps) not in (total, total // accum):
+    raise ValueError(f"optim.total_steps ({config.optim.total_steps}) must equal total_steps "
+                     f"({total}); configs tie the two with a FieldReference")
+  # total_steps counts batches; with accumulation the schedule counts optimizer updates.
+  optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+  optim_config.total_steps = total // accum
   mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.mesh.rules)
   chief = _is_chief()
@@ -247,7 +254,7 @@ def train(config, workdir: str) -> dict[str, Any]:
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model = build_model(config, family, mconfig)
-    tx = optim.make_optimizer(config.optim, nnx.state(model, nnx.Param))
+    tx = optim.make_optimizer(optim_config, nnx.state(model, nnx.Param))
     ema_decay = float(config.optim.ema_decay)
     graphdef, state = init_state(model, tx, ema=ema_decay > 0)
     del model
@@ -319,7 +326,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       from tqdm import tqdm
       progress = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     log = (progress.write if progress is not None else (lambda s: print(s, flush=True)))
-    sched = optim.learning_rate_schedule(config.optim)
+    sched = optim.learning_rate_schedule(optim_config)
     step = start
     last: dict[str, float] = {}
     preempted = False
@@ -344,7 +351,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         if step % config.log_every == 0 or step == total or preempt.requested:
           last = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_health(last, int(config.max_bad_in_row))
-          last["lr"] = float(sched(step - 1))  # the rate of the last update
+          last["lr"] = float(sched((step - 1) // accum))  # the rate of the last update
           if chief:
             log(f"step {step}/{total} " + _format(last, ("loss", "depth", "ray", "point",
                                                            "camera", "grad", "grad_norm",
