@@ -40,15 +40,11 @@ def print_summary(summary: dict, path: str) -> None:
 def write_predictions(workdir: str, config) -> str:
   """Predictions of the trained model (``workdir/model``) for the held-out scenes."""
   import numpy as np
-  from flax import nnx
 
   from geojax.data.synthetic import render_scene
-  from geojax.io import checkpoint, visualize
+  from geojax.io import visualize
   from geojax.models import registry
-  info = checkpoint.read_model_info(os.path.join(workdir, "model"))
-  family = registry.get_family(info["family"])
-  abstract = nnx.eval_shape(lambda: family.build(info["config"], nnx.Rngs(0)))
-  model = checkpoint.restore_state(os.path.join(workdir, "model"), abstract)
+  model, family, _ = registry.load_checkpoint(os.path.join(workdir, "model"))
   e = config.eval
   predict = family.predictor(model, dict(process_res=max(e.height, e.width)))
   out = os.path.join(workdir, "predictions")
@@ -94,7 +90,8 @@ def main() -> int:
         print_summary(previous, summary_path)
         return 0
       shutil.rmtree(args.workdir, ignore_errors=True)
-      os.remove(summary_path) if os.path.exists(summary_path) else None
+      if os.path.exists(summary_path):  # a --summary outside the workdir
+        os.remove(summary_path)
 
   enable_compilation_cache()
   summary = trainer.train(config, args.workdir)

@@ -27,20 +27,14 @@ def load_model(cfg):
   """``(model, family, model_config)`` from the config's checkpoint / weights / random init."""
   from flax import nnx
 
-  from geojax.io import checkpoint
   from geojax.models import registry
   family = registry.get_family(cfg.model.family)
   model_config = {"preset": cfg.model.preset}
   if cfg.model.checkpoint and cfg.model.weights:
     raise ValueError("model: set either model.checkpoint or model.weights, not both")
   if cfg.model.checkpoint:
-    info = checkpoint.read_model_info(cfg.model.checkpoint)
-    if info["family"] != family.name:
-      raise ValueError(f"model.checkpoint {cfg.model.checkpoint} holds a {info['family']!r} "
-                       f"model, but model.family is {family.name!r}")
-    model_config = info["config"]
-    abstract = nnx.eval_shape(lambda: family.build(model_config, nnx.Rngs(0)))
-    model = checkpoint.restore_state(cfg.model.checkpoint, abstract)
+    model, family, model_config = registry.load_checkpoint(
+        cfg.model.checkpoint, family=family.name, what="model.checkpoint")
     source = f"checkpoint {os.path.abspath(cfg.model.checkpoint)}"
   elif cfg.model.weights:
     if not os.path.exists(cfg.model.weights):

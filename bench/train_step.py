@@ -62,41 +62,21 @@ def main():
   views, batch_size, hw = args.views or d[1], args.batch or d[2], tuple(args.hw or d[3])
 
   from flax import nnx
-  from geojax.models.da3 import DA3
+  from geojax.models.da3 import DA3, OFFICIAL_PRESETS
   from geojax.train import default_optim_config, make_optimizer
   from geojax.train.step import init_state, make_train_step
-  from geojax.train.tasks import DA3Task
+  from geojax.train.tasks import DA3Task, normalize_images
 
   overrides = dict(remat=args.remat)
   if args.gpu:
     overrides.update(dtype=jnp.bfloat16, attn_impl="cudnn")
-  model = DA3.from_preset(preset, rngs=nnx.Rngs(0), **overrides)
-  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  oc = default_optim_config()
-  oc.total_steps, oc.warmup_steps = 1000, 10
-  tx = make_optimizer(oc)
-  graphdef, state = init_state(model, tx)
-  step = make_train_step(graphdef, tx, DA3Task().loss_fn)
   batch = _batch(batch_size, views, *hw)
-  jbatch = jax.device_put(batch)
-  key = jax.random.key(0)
-  device = jax.devices()[0]
-  print(f"{preset} ({n_params / 1e6:.1f}M params) batch {batch_size} x {views} views at "
-        f"{hw[0]}x{hw[1]}, {'bf16 cudnn' if args.gpu else 'fp32'}, remat {args.remat}; "
-        f"jax {jax.__version__} on {device.device_kind}")
-
-  t0 = time.perf_counter()
-  compiled = step.lower(state, jbatch, key).compile()
-  compile_s = time.perf_counter() - t0
-  flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-  state, m = step(state, jbatch, key)
-  jax.block_until_ready(m)
+  reference = args.reference and preset in OFFICIAL_PRESETS
+  if args.reference and not reference:
+    print(f"{preset} has no official counterpart; timing geojax only")
 
   torch_step = None
-  from geojax.models.da3 import OFFICIAL_PRESETS
-  if args.reference and preset not in OFFICIAL_PRESETS:
-    print(f"{preset} has no official counterpart; timing geojax only")
-  elif args.reference:
+  if reference:
     import torch
     import da3_official as off
     from geojax.convert import da3 as conv
@@ -105,10 +85,9 @@ def main():
     # Same starting weights on both sides.
     sd = {k: v.detach().float().cpu().numpy() for k, v in net.state_dict().items()}
     model = conv.from_torch_state_dict(sd, preset, **overrides)
-    graphdef, state = init_state(model, tx)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
-    x = (batch["images"].astype(np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    xt = torch.from_numpy(x.astype(np.float32).transpose(0, 1, 4, 2, 3).copy()).to(dev)
+    x = np.asarray(normalize_images(batch["images"]))
+    xt = torch.from_numpy(x.transpose(0, 1, 4, 2, 3).copy()).to(dev)
     dt = torch.from_numpy(batch["depth"]).to(dev)
 
     def torch_step():
@@ -128,6 +107,28 @@ def main():
       opt.step()
       if args.gpu:
         torch.cuda.synchronize()
+  else:
+    model = DA3.from_preset(preset, rngs=nnx.Rngs(0), **overrides)
+
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  oc = default_optim_config()
+  oc.total_steps, oc.warmup_steps = 1000, 10
+  tx = make_optimizer(oc)
+  graphdef, state = init_state(model, tx)
+  jbatch = jax.device_put(batch)
+  key = jax.random.key(0)
+  device = jax.devices()[0]
+  print(f"{preset} ({n_params / 1e6:.1f}M params) batch {batch_size} x {views} views at "
+        f"{hw[0]}x{hw[1]}, {'bf16 cudnn' if args.gpu else 'fp32'}, remat {args.remat}; "
+        f"jax {jax.__version__} on {device.device_kind}")
+
+  t0 = time.perf_counter()
+  step = make_train_step(graphdef, tx, DA3Task().loss_fn).lower(state, jbatch, key).compile()
+  compile_s = time.perf_counter() - t0
+  flops = (step.cost_analysis() or {}).get("flops", float("nan"))
+  state, m = step(state, jbatch, key)  # warm-up
+  jax.block_until_ready(m)
+  if torch_step is not None:
     torch_step()
 
   tj, tt = [], []

@@ -28,7 +28,7 @@ static).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -378,8 +378,13 @@ def teacher_labels(teacher_depth: jax.Array, sparse_depth: jax.Array, mask: jax.
   return labels, s, t
 
 
-def depth_target(step: int | jax.Array, gt: jax.Array, teacher: jax.Array,
+def depth_target(step: int | jax.Array, gt: jax.Array, teacher: jax.Array | Callable[[], jax.Array],
                  config: DA3LossConfig = DA3LossConfig()) -> jax.Array:
   """Depth supervision: GT before ``config.teacher_switch_step`` (paper: 120k of 200k), aligned
-  teacher labels from then on. ``step`` may be traced (``jnp.where``)."""
-  return jnp.where(jnp.asarray(step) >= config.teacher_switch_step, teacher, gt)
+  teacher labels from then on. ``step`` may be traced. ``teacher`` may be a zero-argument
+  function (e.g. the RANSAC alignment of :func:`teacher_labels`); it is then evaluated only
+  after the switch (``lax.cond``), so steps before it do not pay for the alignment."""
+  after = jnp.asarray(step) >= config.teacher_switch_step
+  if callable(teacher):
+    return jax.lax.cond(after, lambda: jnp.asarray(teacher(), gt.dtype), lambda: gt)
+  return jnp.where(after, teacher, gt)

@@ -57,10 +57,10 @@ class DA3Task:
                     pose_mask=mask)
     pred = model(images, ref_view_strategy="first", **kwargs)
     if "teacher_depth" in batch:
-      labels, _, _ = da3_loss.teacher_labels(batch["teacher_depth"], batch["depth"],
-                                             batch["valid"])
-      step = batch.get(STEP_KEY, 0)
-      batch = dict(batch, depth=da3_loss.depth_target(step, batch["depth"], labels, self.loss))
+      gt = jnp.asarray(batch["depth"], jnp.float32)
+      labels = lambda: da3_loss.teacher_labels(batch["teacher_depth"], gt, batch["valid"])[0]
+      batch = dict(batch, depth=da3_loss.depth_target(batch.get(STEP_KEY, 0), gt, labels,
+                                                      self.loss))
     total, terms = da3_loss.da3_loss(pred, batch, self.loss)
     aux = {k: v for k, v in terms.items() if k != "scene_scale"}
     if kwargs:

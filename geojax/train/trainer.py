@@ -167,11 +167,9 @@ def build_model(config, family, mconfig: dict) -> nnx.Module:
     _reshard_like(src, model)
     logging.info("initialised from official weights %s", init.weights)
   elif init.checkpoint:
-    from geojax.io import checkpoint as model_ckpt
-    info = model_ckpt.read_model_info(init.checkpoint)
-    if info["family"] != family.name:
-      raise ValueError(f"init.checkpoint holds a {info['family']!r} model, not {family.name!r}")
-    model = model_ckpt.restore_state(init.checkpoint, model)
+    from geojax.models import registry
+    model, _, _ = registry.load_checkpoint(init.checkpoint, family=family.name, into=model,
+                                           what="init.checkpoint")
     logging.info("initialised from geojax checkpoint %s", init.checkpoint)
   return model
 
