@@ -148,13 +148,14 @@ import jax, numpy as np
 from flax import nnx
 from geojax.models.da3 import DA3
 from geojax.parallel import sharding
+fwd = nnx.jit(lambda m, x: m(x)["depth"])  # compiled: eager op-by-op dispatch is slow on CPU
 m = DA3.from_preset("da3-small", rngs=nnx.Rngs(0))
-y = m(np.zeros((1, 2, 28, 28, 3), np.float32))
+y = {"depth": fwd(m, np.zeros((1, 2, 28, 28, 3), np.float32))}
 mesh = sharding.make_mesh((2, 2, 2))
 with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
   ms = nnx.jit(lambda: DA3.from_preset("da3-small", rngs=nnx.Rngs(0)))()
   spec = ms.backbone.vit.stacks[1].layers.mlp.fc1.kernel[...].sharding.spec
-  ys = ms(np.zeros((1, 2, 28, 28, 3), np.float32))
+  ys = {"depth": fwd(ms, np.zeros((1, 2, 28, 28, 3), np.float32))}
 print("SPEC", spec, float(np.abs(np.asarray(ys["depth"]) - np.asarray(y["depth"])).max()))
 """
   env = dict(os.environ, NNX_GRAPH_MODE="false", NNX_GRAPH_UPDATES="false",

@@ -9,12 +9,18 @@ Layer schedule: block ``i`` attends across views iff ``i >= alt_start`` and ``i`
 and QK-norm are on from ``alt_start``. Before block ``alt_start - 1`` a reference view may be
 selected (S >= 3, no poses) and moved first; at ``alt_start`` token 0 of every view is replaced by
 the camera token (learned, or encoded from given poses).
+
+View parallelism: under a mesh with a ``"view"`` axis (``geojax.parallel.sharding.
+make_view_mesh``) the views are split over devices from the images on: patch embedding, local
+blocks and the DPT heads run on each device's own views, global blocks gather keys/values only
+(``geojax.nn.attention.attend``). ``head_chunk`` bounds the heads' activation memory: they run
+over the flattened ``B*S`` views a few at a time in a ``lax.scan`` (see :func:`_map_view_chunks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +34,7 @@ from geojax.nn.alternating import GLOBAL, LOCAL, run_schedule
 from geojax.nn.dpt import DPTHead, DualDPTHead
 from geojax.nn.stack import LayerStack
 from geojax.nn.vit import Block, BlockConfig, DinoV2, Mlp
-from geojax.parallel.sharding import create, creation_context
+from geojax.parallel.sharding import create, creation_context, shard_views, view_axis_size
 
 PATCH = 14
 VIT = {  # name: (dim, depth, heads, ffn)
@@ -39,7 +45,7 @@ MIN_VIEWS_FOR_REF_SELECTION = 3
 
 @dataclasses.dataclass(frozen=True)
 class DA3Config:
-  """One DA3 network. Runtime fields (last four) can be overridden in ``from_preset``.
+  """One DA3 network. Runtime fields (``attn_impl`` onwards) can be overridden in ``from_preset``.
 
   Attributes:
     vit: backbone size, one of ``vitt`` (geojax-only), ``vits``, ``vitb``, ``vitl``, ``vitg``.
@@ -53,6 +59,11 @@ class DA3Config:
     remat: remat policy name for the block stacks (see ``geojax.nn.stack.REMAT_POLICIES``).
     scan: scan the block stacks (``False``: unrolled loop).
     dtype: compute dtype of the backbone (heads and camera maths stay float32).
+    head_chunk: number of views the DPT heads process at a time (0 = all at once). The heads
+      are the largest activations at full resolution; chunking makes their memory independent
+      of the view count at the cost of a sequential loop. Same outputs up to float rounding.
+      With views split over ``n`` devices it is rounded up to a multiple of ``n`` (each device
+      then processes ``head_chunk / n`` of its own views per step).
   """
   vit: str
   out_layers: tuple[int, int, int, int]
@@ -66,6 +77,11 @@ class DA3Config:
   remat: str = "none"
   scan: bool = True
   dtype: Any = None
+  head_chunk: int = 0
+
+  def __post_init__(self):
+    if self.head_chunk < 0:
+      raise ValueError(f"head_chunk must be >= 0 (0 = all views at once); got {self.head_chunk}")
 
   @property
   def dim(self) -> int:
@@ -149,7 +165,7 @@ class DA3Backbone(nnx.Module):
     h, w = hh // PATCH, ww // PATCH
     x = vit.tokens(images.reshape(b * s, hh, ww, 3))
     n, c = x.shape[1], x.shape[2]
-    x = x.reshape(b, s, n, c)
+    x = shard_views(x.reshape(b, s, n, c), 1)
     local_x = x
     pos_local = jnp.asarray(rope.with_special_tokens(rope.grid_positions(h, w, 1.0), 1))[None]
     pos_global = np.ones((s, n, 2), np.float32)
@@ -252,6 +268,42 @@ def _check_inputs(images, extrinsics, intrinsics):
                        f"{tuple(intrinsics.shape)}")
 
 
+def _map_view_chunks(module: nnx.Module, call: Callable[[nnx.Module, list], Any],
+                     inputs: Sequence[jax.Array], chunk: int) -> Any:
+  """``call(module, inputs)`` over the leading (view) axis ``V`` of ``inputs``, ``chunk`` at a time.
+
+  The views are padded with zeros to ``steps * chunk`` and laid out as ``(chunk, steps)`` -
+  view ``i * steps + j`` at ``[i, j]`` - and a ``lax.scan`` runs over ``j``. The scanned axis is
+  therefore never the one split over devices: with ``V`` split over ``n`` devices in contiguous
+  blocks and ``n | chunk``, axis ``i`` carries exactly that split, and every step processes
+  ``chunk / n`` views on every device without moving data (scanning a ``(steps, chunk)`` layout
+  would instead hand each step to one device after another). The module enters the loop as
+  ``nnx.split`` state, merged inside the body, so nothing is mutated across the trace boundary.
+  Every output must have the leading view axis; padded views are dropped.
+  """
+  v = inputs[0].shape[0]
+  steps = -(-v // chunk)
+  pad = steps * chunk - v
+  graphdef, state = nnx.split(module)
+
+  def to_chunks(t):
+    if pad:
+      t = jnp.pad(t, ((0, pad),) + ((0, 0),) * (t.ndim - 1))
+    t = shard_views(t, 0).reshape(chunk, steps, *t.shape[1:])
+    return shard_views(jnp.swapaxes(t, 0, 1), 1)  # (steps, chunk, ...), scan over steps
+
+  def from_chunks(t):
+    t = shard_views(jnp.swapaxes(t, 0, 1), 0).reshape(chunk * steps, *t.shape[2:])
+    return shard_views(t[:v], 0)
+
+  def body(carry, xs):
+    out = call(nnx.merge(graphdef, state), [shard_views(t, 0) for t in xs])
+    return carry, jax.tree.map(lambda t: shard_views(t, 0), out)
+
+  _, out = jax.lax.scan(body, None, [to_chunks(t) for t in inputs])
+  return jax.tree.map(from_chunks, out)
+
+
 class DA3(nnx.Module):
   """A DA3 network (any-view or monocular/metric). Build with :meth:`from_preset`."""
 
@@ -324,6 +376,7 @@ class DA3(nnx.Module):
       raise ValueError("infer_gs needs a preset with a GS head (da3-giant)")
     b, s, hh, ww, _ = images.shape
     image_hw = (hh, ww)
+    images = shard_views(images, 1)
     cam_token = None
     if extrinsics is not None:
       ext = camera.to_homogeneous(extrinsics.astype(jnp.float32))
@@ -338,9 +391,9 @@ class DA3(nnx.Module):
     elif pose_mask is not None:
       raise ValueError("pose_mask needs extrinsics and intrinsics")
     feats, toks, aux = self.backbone(images, cam_token, ref_view_strategy, export_feat_layers)
-    flat = [f.reshape(b * s, *f.shape[2:]) for f in feats]
-    head = self.head(flat, image_hw)
-    unflat = lambda t: t.reshape(b, s, *t.shape[1:])
+    flat = [shard_views(f.reshape(b * s, *f.shape[2:]), 0) for f in feats]
+    head = self._run_head(self.head, lambda m, xs: m(xs, image_hw), flat)
+    unflat = lambda t: shard_views(shard_views(t, 0).reshape(b, s, *t.shape[1:]), 1)
     out: dict[str, Any] = {}
     if cfg.head == "dualdpt":
       out = {k: unflat(v) for k, v in head.items()}
@@ -354,12 +407,25 @@ class DA3(nnx.Module):
       out["depth"], out["sky"] = unflat(head["pred"]), unflat(head["sky"])
       out["depth"] = self._fill_sky(out["depth"], out["sky"])
     if infer_gs:
-      gs = self.gs_head(flat, image_hw, images=images.reshape(b * s, hh, ww, 3))
+      gs = self._run_head(self.gs_head, lambda m, xs: m(xs[:-1], image_hw, images=xs[-1]),
+                          [*flat, shard_views(images.reshape(b * s, hh, ww, 3), 0)])
       out["gs_raw"], out["gs_conf"] = unflat(gs["pred"]), unflat(gs["conf"])
     out["aux"] = aux
     if return_backbone:
       out["backbone"] = list(zip(feats, toks))
     return out
+
+  def _run_head(self, head: nnx.Module, call: Callable[[nnx.Module, list], Any],
+                inputs: list[jax.Array]) -> Any:
+    """``call(head, inputs)`` on flattened ``(B*S, ...)`` views, in ``cfg.head_chunk`` chunks
+    when that is smaller than the view count (rounded up to a multiple of the view devices)."""
+    v, chunk = inputs[0].shape[0], self.cfg.head_chunk
+    n = view_axis_size()
+    if chunk and n > 1 and v % n == 0:
+      chunk = -(-chunk // n) * n
+    if 0 < chunk < v:
+      return _map_view_chunks(head, call, inputs, chunk)
+    return call(head, inputs)
 
   @staticmethod
   def _fill_sky(depth, sky, threshold: float = 0.3):

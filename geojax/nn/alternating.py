@@ -5,6 +5,11 @@ inside each view on ``(B*S, N, C)``; a global block attends across all views on 
 The same block weights can be applied either way; the schedule decides. DA3 (shared weights,
 one list), VGGT/URGT (frame/global lists) and the Pi3/DAGE decoder (even = frame, odd = global)
 all reduce to :func:`run_schedule` over a :class:`~geojax.nn.stack.LayerStack`.
+
+View parallelism: both kinds keep ``(B, S, N, C)`` split over the ``"view"`` mesh axis when
+there is one (:func:`geojax.parallel.sharding.shard_views`). A local block then needs no
+communication at all; a global block is called with ``cross_view=True`` so that its attention
+gathers keys and values but keeps queries and logits split (:func:`geojax.nn.attention.attend`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from geojax.nn.stack import LayerStack, unstack
+from geojax.parallel.sharding import shard_views
 
 LOCAL, GLOBAL = "local", "global"
 
@@ -22,13 +28,19 @@ LOCAL, GLOBAL = "local", "global"
 def local_attention(block, x: jax.Array, pos: jax.Array | None) -> jax.Array:
   """Apply ``block`` inside each view: ``(B, S, N, C)`` -> ``(B*S, N, C)`` and back."""
   b, s, n, c = x.shape
-  return block(x.reshape(b * s, n, c), pos).reshape(b, s, n, c)
+  y = block(shard_views(x, 1).reshape(b * s, n, c), pos)
+  return shard_views(y.reshape(b, s, n, c), 1)
 
 
 def global_attention(block, x: jax.Array, pos: jax.Array | None) -> jax.Array:
-  """Apply ``block`` across views: ``(B, S, N, C)`` -> ``(B, S*N, C)`` and back."""
+  """Apply ``block`` across views: ``(B, S, N, C)`` -> ``(B, S*N, C)`` and back.
+
+  The block is called with ``cross_view=True`` (its attention spans all views; see the module
+  docstring), so it must accept that keyword, as :class:`geojax.nn.vit.Block` does.
+  """
   b, s, n, c = x.shape
-  return block(x.reshape(b, s * n, c), pos).reshape(b, s, n, c)
+  y = block(shard_views(x, 1).reshape(b, s * n, c), pos, cross_view=True)
+  return shard_views(y.reshape(b, s, n, c), 1)
 
 
 def _segments(kinds: Sequence[str]):

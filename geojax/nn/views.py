@@ -11,7 +11,12 @@ whose score is within :data:`TIE_TOL` of the best counts as best and the lowest 
 Outside ties the choice is the official one.
 
 Reordering puts the reference view first and keeps the others in order:
-``[ref, 0, 1, ..., ref-1, ref+1, ...]``; :func:`restore_views` undoes it.
+``[ref, 0, 1, ..., ref-1, ref+1, ...]``; :func:`restore_views` undoes it. Both are written as
+shifts by one view (``lax.pad``) and selects rather than as a gather along ``S``: the result is
+bit-identical (pure data movement), and when the views are split over a ``"view"`` mesh axis
+the partitioner turns a shift into one view exchanged between neighbouring devices and the
+pick of the reference view into an all-reduce of one view, where a gather along a split axis
+would all-gather every token of every view onto every device.
 """
 
 from __future__ import annotations
@@ -65,14 +70,33 @@ def reorder_index(ref: jax.Array, s: int) -> jax.Array:
   return jnp.where(pos == 0, r, idx)
 
 
+def _shift_views(x: jax.Array, k: int) -> jax.Array:
+  """``y[:, p] = x[:, p - k]`` along the view axis 1 (``k = +-1``), zeros shifted in."""
+  cfg = [(0, 0, 0)] * x.ndim
+  cfg[1] = (k, -k, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+
+
+def _view_mask(cond: jax.Array, ndim: int) -> jax.Array:
+  """A ``(B, S)`` condition broadcastable against ``(B, S, ...)`` with ``ndim`` dims."""
+  return cond.reshape(cond.shape + (1,) * (ndim - 2))
+
+
+def _pick_view(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """``x[b, ref[b]]`` as ``(B, 1, ...)``: a masked sum over views (exact: one term is kept)."""
+  hit = _view_mask(jnp.arange(x.shape[1])[None] == ref[:, None], x.ndim)
+  return jnp.sum(jnp.where(hit, x, jnp.zeros((), x.dtype)), axis=1, keepdims=True, dtype=x.dtype)
+
+
 def reorder_views(x: jax.Array, ref: jax.Array) -> jax.Array:
-  idx = reorder_index(ref, x.shape[1])
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  """Views ``[ref, 0, ..., ref-1, ref+1, ...]`` of ``x`` ``(B, S, ...)`` (see the module)."""
+  pos, r = jnp.arange(x.shape[1])[None], ref[:, None]
+  out = jnp.where(_view_mask(pos <= r, x.ndim), _shift_views(x, 1), x)
+  return jnp.where(_view_mask(pos == 0, x.ndim), _pick_view(x, ref), out)
 
 
 def restore_views(x: jax.Array, ref: jax.Array) -> jax.Array:
-  pos = jnp.arange(x.shape[1])[None]
-  r = ref[:, None]
-  idx = jnp.where(pos < r, pos + 1, pos)
-  idx = jnp.where(pos == r, 0, idx)
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  """Inverse of :func:`reorder_views`."""
+  pos, r = jnp.arange(x.shape[1])[None], ref[:, None]
+  out = jnp.where(_view_mask(pos < r, x.ndim), _shift_views(x, -1), x)
+  return jnp.where(_view_mask(pos == r, x.ndim), _pick_view(x, jnp.zeros_like(ref)), out)

@@ -80,8 +80,10 @@ class Block(nnx.Module):
       self.ls1 = layers.LayerScale(d, cfg.layerscale)
       self.ls2 = layers.LayerScale(d, cfg.layerscale)
 
-  def __call__(self, x: jax.Array, pos: jax.Array | None = None) -> jax.Array:
-    y = self.attn(self.norm1(x), pos)
+  def __call__(self, x: jax.Array, pos: jax.Array | None = None, *,
+               cross_view: bool = False) -> jax.Array:
+    """``cross_view=True``: ``x`` holds the tokens of all views (view-parallel attention)."""
+    y = self.attn(self.norm1(x), pos, cross_view=cross_view)
     x = x + (self.ls1(y) if self.ls1 is not None else y)
     y = self.mlp(self.norm2(x))
     return x + (self.ls2(y) if self.ls2 is not None else y)
