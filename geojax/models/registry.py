@@ -61,18 +61,23 @@ def get_family(name: str) -> Family:
 
 
 def load_checkpoint(path: str, *, family: str | None = None, into: nnx.Module | None = None,
-                    what: str = "checkpoint") -> tuple[nnx.Module, Family, dict[str, Any]]:
+                    what: str = "checkpoint", overrides: dict[str, Any] | None = None
+                    ) -> tuple[nnx.Module, Family, dict[str, Any]]:
   """A geojax model checkpoint (:func:`geojax.io.checkpoint.save_model`) -> ``(model, family,
   config)``.
 
   ``family``, if given, must match the checkpoint's (``what`` names the option in the error).
   ``into`` restores into an existing model of the same structure (e.g. one created sharded);
-  otherwise the model is rebuilt from the stored config.
+  otherwise the model is rebuilt from the stored config, with runtime ``overrides`` (e.g.
+  ``{"dtype": "bfloat16", "head_chunk": 8}``) merged into its ``overrides``.
   """
   from geojax.io import checkpoint
   info = checkpoint.read_model_info(path)
   if family is not None and info["family"] != family:
     raise ValueError(f"{what} {path} holds a {info['family']!r} model, not a {family!r} one")
+  if overrides:
+    info["config"] = {**info["config"],
+                      "overrides": {**info["config"].get("overrides", {}), **overrides}}
   fam = get_family(info["family"])
   target = into if into is not None else nnx.eval_shape(
       lambda: fam.build(info["config"], nnx.Rngs(0)))

@@ -1,0 +1,226 @@
+"""Writing one scene's :class:`~geojax.predict.core.Prediction` to disk.
+
+``OUT/<scene>/`` holds (``<stem>`` is the view's file stem, made unique and file-system safe):
+
+- ``cameras.json`` and ``images/<stem>.png`` (the processed input views) - together with
+  ``depth/<stem>.npy`` this folder is a geojax *scene folder*
+  (:mod:`geojax.data.formats.scene_folder`), so it reads back with ``read_scene``;
+- ``depth/<stem>.npy`` (float32 z-depth) and ``depth/<stem>.png`` (16-bit, ``value *
+  depth_png_unit`` = depth; the unit is 1 mm, the scene-folder convention, whenever the largest
+  depth fits in 65.535, else ``max_depth / 65535``; recorded in ``cameras.json``);
+- ``confidence/<stem>.npy`` and ``confidence/<stem>.png`` (16-bit, unit ``conf_png_unit``);
+- ``depth_vis/<stem>.png``: colourised depth (near is bright, shared range per scene);
+- ``points.ply``: binary PLY point cloud with colours, filtered like the official GLB export
+  (adaptive confidence percentile, then at most ``max_points`` points);
+- ``points.glb`` (optional, needs ``trimesh``): the same points plus camera frustums;
+- ``colmap/``: ``cameras.txt``, ``images.txt``, ``points3D.txt`` (PINHOLE cameras; 3D points
+  lifted from confident depth with tracks across views);
+- ``preview.png``: an offscreen rendering of the point cloud with the cameras;
+- ``index.html``: one page with thumbnails, depth maps, the preview and links to every file.
+
+``cameras.json`` is the scene-folder file (frames with ``name``, ``width``, ``height``, ``fx``,
+``fy``, ``cx``, ``cy``, world-to-camera ``extrinsics``; geojax pixel centres) plus ``model``,
+``depth_png_unit``, ``conf_png_unit``, ``cameras`` (``predicted``, ``given`` or ``assumed`` for
+monocular models, which get identity poses and a 60-degree field of view) and per-frame
+``source`` (the input file name) and ``input_width``/``input_height``.
+
+A scene is assembled in a hidden temporary folder next to its destination and renamed into place
+when complete.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from geojax.data.formats import colmap, scene_folder
+from geojax.io import pointcloud, render, visualize
+from geojax.predict.core import Prediction
+
+PNG16_MAX = 65535
+COLMAP_MAX_POINTS = 100_000  # points3D.txt stays small and quick to build for long sequences
+
+
+def view_stems(names: Sequence[str]) -> list[str]:
+  """File-system-safe, unique stems for view names (``a.jpg`` -> ``a``; duplicates ``a-2``)."""
+  out, seen = [], set()
+  for i, n in enumerate(names):
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(n))[0]).strip("._")
+    stem = stem or f"view_{i:04d}"
+    cand, k = stem, 2
+    while cand in seen:
+      cand, k = f"{stem}-{k}", k + 1
+    seen.add(cand)
+    out.append(cand)
+  return out
+
+
+def _png16(x: np.ndarray, unit: float) -> np.ndarray:
+  q = np.rint(np.where(np.isfinite(x), x, 0) / unit)
+  return np.clip(q, 0, PNG16_MAX).astype(np.uint16)
+
+
+def _unit(x: np.ndarray, preferred: float) -> float:
+  hi = float(np.nanmax(np.where(np.isfinite(x), x, 0))) if x.size else 0.0
+  return preferred if hi <= preferred * PNG16_MAX else hi / PNG16_MAX
+
+
+def _save16(path: str, a: np.ndarray) -> None:
+  Image.fromarray(a).save(path, format="PNG")
+
+
+def _cameras(pred: Prediction) -> tuple[np.ndarray, np.ndarray, str]:
+  s, h, w = pred.depth.shape
+  if pred.extrinsics is not None:
+    return pred.extrinsics, pred.intrinsics, ""
+  f = (w / 2) / np.tan(np.radians(30))
+  k = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]], np.float32)
+  return np.tile(np.eye(4, dtype=np.float32), (s, 1, 1)), np.tile(k, (s, 1, 1)), "assumed"
+
+
+def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
+                     conf_percentile: float = pointcloud.DA3_CONF_PERCENTILE,
+                     max_points: int | None = pointcloud.DA3_MAX_POINTS, glb: bool = False,
+                     colmap_points_per_view: int = 2000, preview_size: tuple[int, int] = (480, 640),
+                     camera_source: str = "predicted", info: dict[str, Any] | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+  """Write ``pred`` to the folder ``dst`` (see the module docstring); returns a summary dict.
+
+  Raises:
+    FileExistsError if ``dst`` exists and not ``overwrite``.
+  """
+  dst = os.path.abspath(dst)
+  if os.path.lexists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists; pass --overwrite (overwrite=True) to replace it")
+  s, h, w = pred.depth.shape
+  stems = view_stems(pred.names)
+  ext, ks, assumed = _cameras(pred)
+  camera_source = assumed or camera_source
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  try:
+    root = os.path.join(stage, "scene")
+    scene = {"images": pred.images, "intrinsics": ks, "extrinsics": ext, "depth": pred.depth}
+    scene_folder.write_scene(scene, root, names=[f"{t}.png" for t in stems])
+    depth_unit = _unit(pred.depth, 1e-3)
+    conf_unit = _unit(pred.depth_conf, 1e-3)
+    for sub in ("confidence", "depth_vis"):
+      os.mkdir(os.path.join(root, sub))
+    vis_range = visualize.depth_range(pred.depth)
+    for i, t in enumerate(stems):
+      _save16(os.path.join(root, "depth", t + ".png"), _png16(pred.depth[i], depth_unit))
+      np.save(os.path.join(root, "confidence", t + ".npy"), pred.depth_conf[i].astype(np.float32))
+      _save16(os.path.join(root, "confidence", t + ".png"), _png16(pred.depth_conf[i], conf_unit))
+      Image.fromarray(visualize.colorize_depth(pred.depth[i], value_range=vis_range)).save(
+          os.path.join(root, "depth_vis", t + ".png"))
+    # cameras.json: the scene-folder file plus prediction metadata.
+    cam_path = os.path.join(root, scene_folder.CAMERAS_FILE)
+    with open(cam_path, encoding="utf-8") as f:
+      cams = json.load(f)
+    for i, fr in enumerate(cams["frames"]):
+      fr["source"] = pred.names[i]
+      fr["input_height"], fr["input_width"] = (int(v) for v in pred.input_hw[i])
+    cams.update(cameras=camera_source, depth_png_unit=depth_unit, conf_png_unit=conf_unit,
+                **({"model": info} if info else {}))
+    with open(cam_path, "w", encoding="utf-8") as f:
+      json.dump(cams, f, indent=1)
+    # Point cloud.
+    valid = np.isfinite(pred.depth) & (pred.depth > 0)
+    if pred.sky is not None:
+      valid &= pred.sky < 0.3
+    xyz, rgb = pointcloud.filter_points(pred.world_points, pred.images, pred.depth_conf,
+                                        valid=valid, conf_percentile=conf_percentile,
+                                        max_points=max_points, seed=seed)
+    pointcloud.write_ply(os.path.join(root, "points.ply"), xyz, rgb)
+    if glb:
+      pointcloud.write_glb(os.path.join(root, "points.glb"), xyz, rgb, extrinsics=ext,
+                           intrinsics=ks, image_hw=(h, w))
+    # COLMAP text model: confident pixels lifted and tracked across views.
+    conf_ok = _confident(pred.depth_conf, valid, conf_percentile)
+    per_view = max(1, min(colmap_points_per_view, COLMAP_MAX_POINTS // s))
+    model = colmap.model_from_scene(
+        {"images": pred.images, "depth": np.where(conf_ok, pred.depth, 0.0), "intrinsics": ks,
+         "extrinsics": ext}, points_per_view=per_view, seed=seed,
+        names=[f"{t}.png" for t in stems])
+    colmap.write_model(model, os.path.join(root, "colmap"), binary=False)
+    # Preview and page.
+    preview = render.render_point_cloud(xyz, rgb, extrinsics=ext, intrinsics=ks, image_hw=(h, w),
+                                        size=preview_size, seed=seed)
+    Image.fromarray(preview).save(os.path.join(root, "preview.png"))
+    summary = {"scene": os.path.basename(dst), "views": s, "height": h, "width": w,
+               "points": int(len(xyz)), "colmap_points": len(model.points3D),
+               "cameras": camera_source, "seconds": round(float(pred.seconds), 4)}
+    _write_index(root, pred, stems, summary, glb=glb, info=info)
+    if os.path.lexists(dst):
+      old = os.path.join(stage, "old")
+      os.rename(dst, old)
+    os.rename(root, dst)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  return summary
+
+
+def _confident(conf: np.ndarray, valid: np.ndarray, percentile: float) -> np.ndarray:
+  """Pixels at or above the official adaptive threshold (see :func:`pointcloud.filter_points`)."""
+  c = conf[valid & np.isfinite(conf)]
+  if c.size == 0 or not percentile:
+    return valid
+  lo, hi = np.percentile(c, [percentile, pointcloud.DA3_CONF_CAP_PERCENTILE])
+  thr = min(max(pointcloud.DA3_CONF_BASE, lo), hi)
+  return valid & (conf >= thr)
+
+
+def _write_index(root: str, pred: Prediction, stems: list[str], summary: dict[str, Any], *,
+                 glb: bool, info: dict[str, Any] | None) -> None:
+  esc = html.escape
+  rows = []
+  for i, t in enumerate(stems):
+    rows.append(
+        f'<tr><td>{esc(pred.names[i])}<br><small>{pred.input_hw[i][1]}x{pred.input_hw[i][0]}'
+        f'</small></td><td><a href="images/{t}.png"><img src="images/{t}.png"></a></td>'
+        f'<td><a href="depth_vis/{t}.png"><img src="depth_vis/{t}.png"></a></td>'
+        f'<td><a href="depth/{t}.npy">npy</a> &middot; <a href="depth/{t}.png">png16</a><br>'
+        f'<a href="confidence/{t}.npy">conf npy</a> &middot; '
+        f'<a href="confidence/{t}.png">conf png16</a></td></tr>')
+  files = ['<a href="points.ply">points.ply</a>', '<a href="cameras.json">cameras.json</a>',
+           '<a href="colmap/cameras.txt">colmap/cameras.txt</a>',
+           '<a href="colmap/images.txt">colmap/images.txt</a>',
+           '<a href="colmap/points3D.txt">colmap/points3D.txt</a>']
+  if glb:
+    files.insert(1, '<a href="points.glb">points.glb</a>')
+  facts = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
+                  for k, v in {**summary, **({"model": info} if info else {})}.items())
+  page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>geojax predict: {esc(summary['scene'])}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 4px 8px; vertical-align: top; }}
+#views img {{ height: 160px; }} #views tr:nth-child(even) {{ background: #f4f4f4; }}
+th {{ text-align: left; }}
+</style></head><body>
+<h1>{esc(summary['scene'])}</h1>
+<p>{summary['views']} views at {summary['width']}x{summary['height']} pixels;
+{summary['points']} points in the cloud; cameras {esc(summary['cameras'])}.</p>
+<h2>Point cloud and cameras</h2>
+<p><a href="preview.png"><img src="preview.png" alt="point cloud preview"></a></p>
+<p>Files: {' &middot; '.join(files)}</p>
+<h2>Views</h2>
+<table id="views"><tr><th>view</th><th>input</th><th>depth</th><th>arrays</th></tr>
+{chr(10).join(rows)}
+</table>
+<h2>Run</h2>
+<table>{facts}</table>
+</body></html>
+"""
+  with open(os.path.join(root, "index.html"), "w", encoding="utf-8") as f:
+    f.write(page)
