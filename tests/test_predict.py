@@ -285,6 +285,17 @@ def test_mixed_sizes_and_known_poses(tmp_path, tiny_checkpoint, capsys):
   assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary folders left
 
 
+def test_run_rejects_bad_cameras():
+  img = np.zeros((28, 28, 3), np.uint8)
+  k = np.eye(3)[None]
+  with pytest.raises(ValueError, match="together"):
+    core.run(None, [img], extrinsics=np.eye(4)[None])
+  with pytest.raises(ValueError, match=r"extrinsics must be \(1, 4, 4\)"):
+    core.run(None, [img], extrinsics=np.eye(4), intrinsics=k)
+  with pytest.raises(ValueError, match="finite"):
+    core.run(None, [img], extrinsics=np.full((1, 4, 4), np.nan), intrinsics=k)
+
+
 def test_world_points_without_cameras():
   d = np.full((1, 4, 6), 2.0, np.float32)
   pts = core.world_points(d, None, None)

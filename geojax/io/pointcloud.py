@@ -98,6 +98,15 @@ def _check_rgb(rgb: Any, n: int, who: str, name: str = "rgb") -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+def confidence_threshold(conf: np.ndarray, conf_percentile: float = DA3_CONF_PERCENTILE, *,
+                         conf_base: float = DA3_CONF_BASE,
+                         conf_cap_percentile: float = DA3_CONF_CAP_PERCENTILE) -> float:
+  """The official adaptive threshold ``min(max(conf_base, P_p), P_q)`` over the candidate
+  confidences ``conf`` (finite, non-empty), ``P_x = np.percentile(conf, x)``."""
+  lower, upper = np.percentile(conf, [conf_percentile, conf_cap_percentile])
+  return min(max(float(conf_base), float(lower)), float(upper))
+
+
 def filter_points(points: Any, colors: Any, conf: Any = None, *, valid: Any = None,
                   conf_percentile: float = DA3_CONF_PERCENTILE,
                   max_points: int | None = DA3_MAX_POINTS, seed: int = 0,
@@ -166,9 +175,8 @@ def filter_points(points: Any, colors: Any, conf: Any = None, *, valid: Any = No
     cf = cf.reshape(-1).astype(np.float64)
     keep &= np.isfinite(cf)
     if conf_percentile > 0 and keep.any():
-      lower, upper = np.percentile(cf[keep], [conf_percentile, conf_cap_percentile])
-      threshold = min(max(float(conf_base), float(lower)), float(upper))
-      keep &= cf >= threshold
+      keep &= cf >= confidence_threshold(cf[keep], conf_percentile, conf_base=conf_base,
+                                         conf_cap_percentile=conf_cap_percentile)
   idx = np.flatnonzero(keep)
   if max_points is not None and idx.size > max_points:
     rng = np.random.default_rng(seed)

@@ -21,7 +21,6 @@ import dataclasses
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from geojax.geometry import camera, unproject
 from geojax.predict import preprocess as pp
 
 RANSAC_MIN_VIEWS = 10  # the official API switches to RANSAC pose alignment from this many views
@@ -93,33 +93,23 @@ def _compiled(model: nnx.Module, options: tuple, images, ext, k, mesh):
   return lambda *args: exe(state, *args)
 
 
-def _pixel_convention(k: np.ndarray) -> np.ndarray:
-  """DA3 predicts principal points at ``(W/2, H/2)`` (pixel corners at integers); geojax puts
-  pixel centres at integers."""
+def _shift_principal_point(k: np.ndarray, d: float) -> np.ndarray:
+  """Move principal points by ``d`` pixels. DA3 works with pixel corners at integers (its
+  principal points are ``(W/2, H/2)``), geojax with pixel centres at integers: DA3 -> geojax is
+  ``d = -0.5``, geojax -> DA3 ``d = +0.5``."""
   k = np.array(k, np.float32)
-  k[..., 0, 2] -= 0.5
-  k[..., 1, 2] -= 0.5
+  k[..., :2, 2] += d
   return k
 
 
 def _homogeneous(ext: np.ndarray) -> np.ndarray:
-  ext = np.asarray(ext, np.float32)
-  if ext.shape[-2:] == (4, 4):
-    return ext
-  out = np.tile(np.eye(4, dtype=np.float32), ext.shape[:-2] + (1, 1))
-  out[..., :3, :] = ext
-  return out
-
-
-def _centres(w2c: np.ndarray) -> np.ndarray:
-  r, t = w2c[:, :3, :3], w2c[:, :3, 3]
-  return -np.einsum("sji,sj->si", r, t)
+  return np.asarray(camera.to_homogeneous(jnp.asarray(ext, jnp.float32)))
 
 
 def _align_scale(pred_w2c: np.ndarray, given_w2c: np.ndarray) -> float:
   """Scale ``s`` of the Sim(3) with ``pred_centres ~ s R given_centres + t``."""
   from geojax.geometry import alignment
-  src, dst = _centres(given_w2c), _centres(pred_w2c)
+  src, dst = (np.asarray(camera.camera_center(jnp.asarray(e))) for e in (given_w2c, pred_w2c))
   if len(src) < 2:
     return 1.0
   if len(src) >= RANSAC_MIN_VIEWS:
@@ -130,24 +120,24 @@ def _align_scale(pred_w2c: np.ndarray, given_w2c: np.ndarray) -> float:
   return s if np.isfinite(s) and s > 0 else 1.0
 
 
+def assumed_intrinsics(s: int, h: int, w: int) -> np.ndarray:
+  """``(s, 3, 3)`` intrinsics used when a model predicts no cameras: a 60-degree horizontal
+  field of view, principal point at the image centre (geojax pixel convention)."""
+  f = (w / 2) / np.tan(np.radians(30))
+  k = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]], np.float32)
+  return np.tile(k, (s, 1, 1))
+
+
 def world_points(depth: np.ndarray, intrinsics: np.ndarray | None,
                  extrinsics: np.ndarray | None) -> np.ndarray:
   """Lift z-depth ``(S, h, w)`` to world points ``(S, h, w, 3)`` (geojax pixel convention);
-  without cameras, a 60-degree horizontal field of view in each camera's frame."""
-  s, h, w = depth.shape
+  without cameras, :func:`assumed_intrinsics` in each camera's frame."""
   if intrinsics is None:
-    f = (w / 2) / np.tan(np.radians(30))
-    intrinsics = np.tile(np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]],
-                                  np.float32), (s, 1, 1))
-  v, u = np.mgrid[0:h, 0:w].astype(np.float32)
-  pix = np.stack([u, v, np.ones_like(u)], -1)  # (h, w, 3)
-  rays = np.einsum("sij,hwj->shwi", np.linalg.inv(intrinsics.astype(np.float64)), pix)
-  cam = rays * depth[..., None]
+    intrinsics = assumed_intrinsics(*depth.shape)
+  d, k = jnp.asarray(depth, jnp.float32), jnp.asarray(intrinsics, jnp.float32)
   if extrinsics is None:
-    return cam.astype(np.float32)
-  c2w = np.linalg.inv(_homogeneous(extrinsics).astype(np.float64))
-  pts = np.einsum("sij,shwj->shwi", c2w[:, :3, :3], cam) + c2w[:, None, None, :3, 3]
-  return pts.astype(np.float32)
+    return np.asarray(unproject.depth_to_camera_points(d, k))
+  return np.asarray(unproject.depth_to_world_points(d, k, jnp.asarray(extrinsics, jnp.float32)))
 
 
 def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
@@ -189,6 +179,8 @@ def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
       raise ValueError(f"extrinsics must be ({len(images)}, 4, 4) world-to-camera; got "
                        f"{extrinsics.shape}")
     extrinsics = _homogeneous(extrinsics)
+    if not (np.all(np.isfinite(extrinsics)) and np.all(np.isfinite(intrinsics))):
+      raise ValueError("run: extrinsics and intrinsics must be finite")
   proc = pp.preprocess(images, intrinsics, process_res=process_res, method=process_res_method,
                        names=names)
   cfg = getattr(model, "cfg", None)
@@ -198,7 +190,7 @@ def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
   options = (("ref_view_strategy", ref_view_strategy), ("use_ray_pose", bool(use_ray_pose)))
   x = proc.images[None]
   ext = None if extrinsics is None else extrinsics[None]
-  k = None if proc.intrinsics is None else _corner(proc.intrinsics)[None]
+  k = None if proc.intrinsics is None else _shift_principal_point(proc.intrinsics, 0.5)[None]
   if mesh is None:
     x, ext, k = jax.tree.map(jnp.asarray, (x, ext, k))
   else:  # views split over the mesh's "view" axis when it divides them, the rest replicated
@@ -217,7 +209,7 @@ def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
   pred_ext = pred_k = None
   if "extrinsics" in out:
     pred_ext = _homogeneous(out["extrinsics"][0])
-    pred_k = _pixel_convention(out["intrinsics"][0])
+    pred_k = _shift_principal_point(out["intrinsics"][0], -0.5)
   if extrinsics is not None and align_to_input_scale:
     depth = depth / _align_scale(pred_ext, extrinsics)
     pred_ext, pred_k = extrinsics.copy(), proc.intrinsics.copy()
@@ -226,18 +218,3 @@ def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
   return Prediction(depth=depth, depth_conf=conf, extrinsics=pred_ext, intrinsics=pred_k,
                     world_points=pts, images=proc.pixels, names=names, input_hw=proc.input_hw,
                     sky=sky, seconds=seconds)
-
-
-def _corner(k: np.ndarray) -> np.ndarray:
-  k = np.array(k, np.float32)
-  k[..., 0, 2] += 0.5
-  k[..., 1, 2] += 0.5
-  return k
-
-
-def describe(model: nnx.Module) -> dict[str, Any]:
-  """A short description of a model for reports."""
-  from geojax.nn.layers import count_params
-  cfg = getattr(model, "cfg", None)
-  return {"class": type(model).__name__, "params": int(count_params(model)),
-          "vit": getattr(cfg, "vit", None)}

@@ -44,7 +44,7 @@ from PIL import Image
 
 from geojax.data.formats import colmap, scene_folder
 from geojax.io import pointcloud, render, visualize
-from geojax.predict.core import Prediction
+from geojax.predict.core import Prediction, assumed_intrinsics
 
 PNG16_MAX = 65535
 COLMAP_MAX_POINTS = 100_000  # points3D.txt stays small and quick to build for long sequences
@@ -82,9 +82,7 @@ def _cameras(pred: Prediction) -> tuple[np.ndarray, np.ndarray, str]:
   s, h, w = pred.depth.shape
   if pred.extrinsics is not None:
     return pred.extrinsics, pred.intrinsics, ""
-  f = (w / 2) / np.tan(np.radians(30))
-  k = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]], np.float32)
-  return np.tile(np.eye(4, dtype=np.float32), (s, 1, 1)), np.tile(k, (s, 1, 1)), "assumed"
+  return np.tile(np.eye(4, dtype=np.float32), (s, 1, 1)), assumed_intrinsics(s, h, w), "assumed"
 
 
 def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
@@ -171,13 +169,11 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
 
 
 def _confident(conf: np.ndarray, valid: np.ndarray, percentile: float) -> np.ndarray:
-  """Pixels at or above the official adaptive threshold (see :func:`pointcloud.filter_points`)."""
+  """Pixels at or above the official adaptive threshold (as :func:`pointcloud.filter_points`)."""
   c = conf[valid & np.isfinite(conf)]
   if c.size == 0 or not percentile:
     return valid
-  lo, hi = np.percentile(c, [percentile, pointcloud.DA3_CONF_CAP_PERCENTILE])
-  thr = min(max(pointcloud.DA3_CONF_BASE, lo), hi)
-  return valid & (conf >= thr)
+  return valid & (conf >= pointcloud.confidence_threshold(c, percentile))
 
 
 def _write_index(root: str, pred: Prediction, stems: list[str], summary: dict[str, Any], *,

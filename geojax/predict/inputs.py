@@ -57,12 +57,6 @@ def _is_image(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTS)
 
 
-def _images_in(folder: str) -> list[str]:
-  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if _is_image(f) and not f.startswith(".")
-                and os.path.isfile(os.path.join(folder, f)))
-
-
 def _colmap_model_dir(folder: str) -> str | None:
   for sub in (os.path.join("sparse", "0"), "sparse", ""):
     d = os.path.join(folder, sub)
@@ -92,9 +86,9 @@ def _folder_scene(path: str, max_views: int | None) -> Scene:
     sl = slice(0, max_views)
     return Scene(name, "colmap", path, list(sc["images"][sl]), list(sc["names"][sl]),
                  sc["intrinsics"][sl], sc["extrinsics"][sl])
-  files = _images_in(path)
+  files = video.list_frames(path, IMAGE_EXTS)
   if not files and os.path.isdir(os.path.join(path, "images")):
-    files = _images_in(os.path.join(path, "images"))
+    files = video.list_frames(os.path.join(path, "images"), IMAGE_EXTS)
   if not files:
     raise ValueError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTS)} files, "
                      f"a scene folder's cameras.json or a COLMAP model)")
@@ -147,10 +141,10 @@ def resolve(inputs: Sequence[str], *, fps: float | None = None,
     else:
       raise MissingFileError(f"{path}: no such file or folder")
   flush()
-  seen: dict[str, int] = {}
+  used: set[str] = set()
   for sc in scenes:
-    base = sc.name
-    seen[base] = seen.get(base, 0) + 1
-    if seen[base] > 1:
-      sc.name = f"{base}-{seen[base]}"
+    base, k = sc.name, 2
+    while sc.name in used:
+      sc.name, k = f"{base}-{k}", k + 1
+    used.add(sc.name)
   return scenes

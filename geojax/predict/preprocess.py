@@ -36,10 +36,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from geojax.data.transforms import crop_intrinsics, scale_intrinsics
+from geojax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
 PATCH = 14
 METHODS = ("upper_bound_resize", "upper_bound_crop", "lower_bound_resize", "lower_bound_crop")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 _CUBIC_A = -0.75
 
@@ -140,23 +141,6 @@ def processed_size(hw: tuple[int, int], process_res: int = 504,
   return (h // PATCH) * PATCH, (w // PATCH) * PATCH
 
 
-def _scale_k(k: np.ndarray, sx: float, sy: float) -> np.ndarray:
-  k = k.copy()
-  k[0, 0] *= sx
-  k[1, 1] *= sy
-  k[0, 1] *= sx
-  k[0, 2] = (k[0, 2] + 0.5) * sx - 0.5
-  k[1, 2] = (k[1, 2] + 0.5) * sy - 0.5
-  return k
-
-
-def _crop_k(k: np.ndarray, top: int, left: int) -> np.ndarray:
-  k = k.copy()
-  k[0, 2] -= left
-  k[1, 2] -= top
-  return k
-
-
 def _check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"process_res_method must be one of {METHODS}; got {method!r}")
@@ -189,18 +173,18 @@ def _process_one(img: np.ndarray, k: np.ndarray | None, process_res: int, method
   h1, w1 = boundary_size((h0, w0), process_res, method)
   img = resize_uint8(img, (h1, w1))
   if k is not None:
-    k = _scale_k(k, w1 / w0, h1 / h0)
+    k = scale_intrinsics(k, w1 / w0, h1 / h0)
   if method.endswith("resize"):
     h2, w2 = _nearest_multiple(h1), _nearest_multiple(w1)
     img = resize_uint8(img, (h2, w2))
     if k is not None:
-      k = _scale_k(k, w2 / w1, h2 / h1)
+      k = scale_intrinsics(k, w2 / w1, h2 / h1)
   else:
     h2, w2 = (h1 // PATCH) * PATCH, (w1 // PATCH) * PATCH
     top, left = (h1 - h2) // 2, (w1 - w2) // 2
     img = img[top:top + h2, left:left + w2]
     if k is not None:
-      k = _crop_k(k, top, left)
+      k = crop_intrinsics(k, top, left)
   if min(h2, w2) < PATCH:
     raise ValueError(f"an image of {w0}x{h0} pixels becomes {w2}x{h2} at process_res="
                      f"{process_res} ({method}); both sides must reach at least {PATCH} pixels")
@@ -254,7 +238,7 @@ def preprocess(images: Sequence[np.ndarray], intrinsics: np.ndarray | None = Non
     crops = [((h - mh) // 2, (w - mw) // 2) for h, w in sizes]
     outs = [o[t:t + mh, l:l + mw] for o, (t, l) in zip(outs, crops)]
     if ks is not None:
-      kout = [_crop_k(k, t, l) for k, (t, l) in zip(kout, crops)]
+      kout = [crop_intrinsics(k, t, l) for k, (t, l) in zip(kout, crops)]
   pixels = np.stack(outs)
   x = pixels.astype(np.float32) / np.float32(255.0)
   x = (x - IMAGENET_MEAN) / IMAGENET_STD

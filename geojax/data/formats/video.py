@@ -34,11 +34,12 @@ def _imageio():
   return iio
 
 
-def list_frames(folder: str | os.PathLike) -> list[str]:
-  """Image files (PNG/JPEG) of ``folder``, sorted by name."""
+def list_frames(folder: str | os.PathLike, exts: tuple[str, ...] = IMAGE_EXTS) -> list[str]:
+  """Image files (default PNG/JPEG; ``exts`` lower-case) of ``folder``, sorted by name."""
   folder = os.fspath(folder)
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
+                if f.lower().endswith(exts) and not f.startswith(".")
+                and os.path.isfile(os.path.join(folder, f)))
 
 
 def _subsample(stream: Iterator[tuple[float, np.ndarray]], fps: float | None,
