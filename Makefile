@@ -34,6 +34,7 @@ test: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(PY) bench/da3_forward.py
+	$(PY) bench/da3_profile.py
 	$(PY) bench/train_step.py
 	$(PY) bench/da3_views.py --preset da3-tiny --res 140x210 --views 2,4,8,16,32
 

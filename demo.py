@@ -72,7 +72,7 @@ def main() -> int:
   logging.set_verbosity(logging.WARNING)
   sys.path.insert(0, ROOT)
   from configs.da3 import get_config
-  from geojax.runtime import enable_compilation_cache
+  from geojax.runtime import enable_compilation_cache, tune_host_allocator
   from geojax.train import trainer
 
   config = get_config("runlocal")
@@ -93,6 +93,7 @@ def main() -> int:
       if os.path.exists(summary_path):  # a --summary outside the workdir
         os.remove(summary_path)
 
+  tune_host_allocator()
   enable_compilation_cache()
   summary = trainer.train(config, args.workdir)
   if summary["preempted"]:

@@ -124,7 +124,8 @@ def evaluate(cfg) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from geojax.runtime import enable_compilation_cache
+  from geojax.runtime import enable_compilation_cache, tune_host_allocator
+  tune_host_allocator()
   enable_compilation_cache()
   try:
     evaluate(_CONFIG.value)

@@ -33,8 +33,9 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of stdout
     logging.set_verbosity(logging.WARNING)
-  from geojax.runtime import enable_compilation_cache
+  from geojax.runtime import enable_compilation_cache, tune_host_allocator
   from geojax.train import trainer
+  tune_host_allocator()
   try:
     trainer.maybe_initialize_distributed(_CONFIG.value)
     enable_compilation_cache()

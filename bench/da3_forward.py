@@ -33,6 +33,9 @@ def main():
   if args.gpu and args.preset == "da3-small":
     args.preset, args.views, args.hw = "da3-large", [8, 32], [504, 336]
 
+  from geojax.runtime import tune_host_allocator
+  tune_host_allocator()  # both frameworks in this process get the same host allocator
+
   import torch
   import da3_official as off
   from geojax.convert import da3 as conv

@@ -93,8 +93,9 @@ def _worker(args: argparse.Namespace) -> dict:
 
   from geojax.models.da3 import DA3
   from geojax.parallel.sharding import make_view_mesh
-  from geojax.runtime import enable_compilation_cache
+  from geojax.runtime import enable_compilation_cache, tune_host_allocator
 
+  tune_host_allocator()
   enable_compilation_cache()  # model creation compiles once for the whole sweep
   s, (h, w) = args.worker, args.res
   dtype = jnp.bfloat16 if args.dtype == "bf16" else None

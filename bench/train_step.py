@@ -58,6 +58,8 @@ def main():
   gpu_defaults = ("da3-large", 8, 4, (504, 336))
   cpu_defaults = ("da3-small", 2, 1, (280, 504))
   d = gpu_defaults if args.gpu else cpu_defaults
+  from geojax.runtime import tune_host_allocator
+  tune_host_allocator()  # both frameworks in this process get the same host allocator
   preset = args.preset or d[0]
   views, batch_size, hw = args.views or d[1], args.batch or d[2], tuple(args.hw or d[3])
 

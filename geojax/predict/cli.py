@@ -118,6 +118,7 @@ def predict(a) -> dict:
 
   _check_args(a)
   scenes = inputs.resolve(a.inputs, fps=a.fps, max_views=a.max_views)
+  runtime.tune_host_allocator()
   runtime.enable_compilation_cache()
   overrides = {k: v for k, v in (("dtype", a.dtype), ("attn_impl", a.attn),
                                  ("head_chunk", a.head_chunk)) if v is not None}
