@@ -84,17 +84,18 @@ def _hlo_kinds(hlo_text: str) -> dict[str, str]:
 
 def profile_geojax(fwd, compiled_text: str, args, reps: int):
   kinds = _hlo_kinds(compiled_text)
-  d = tempfile.mkdtemp(prefix="geojax-profile-")
-  with jax.profiler.trace(d):
-    for _ in range(reps):
-      jax.block_until_ready(fwd(*args))
-  paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.endswith(".xplane.pb")]
-  data = jax.profiler.ProfileData.from_file(paths[0])
+  with tempfile.TemporaryDirectory(prefix="geojax-profile-") as d:
+    with jax.profiler.trace(d):
+      for _ in range(reps):
+        jax.block_until_ready(fwd(*args))
+    path = next(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+                if f.endswith(".xplane.pb"))
+    data = jax.profiler.ProfileData.from_file(path)
   acc = collections.Counter()
+  # Thunk events carry the HLO instruction's name, on whichever thread ran them (XLA's workers
+  # or the client thread, which runs small thunks inline).
   for plane in data.planes:
     for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):
-        continue
       for ev in line.events:
         if ev.name in kinds:
           acc[kinds[ev.name]] += ev.duration_ns
@@ -137,6 +138,8 @@ def main():
   ap.add_argument("--hw", type=int, nargs=2, default=[280, 504])
   ap.add_argument("--reps", type=int, default=5)
   args = ap.parse_args()
+  if args.views < 1 or args.reps < 1 or min(args.hw) < 14 or any(v % 14 for v in args.hw):
+    sys.exit("--views and --reps must be >= 1 and --hw two positive multiples of 14")
   from geojax.runtime import tune_host_allocator
   tuned = tune_host_allocator()
 
@@ -163,7 +166,8 @@ def main():
       net(xt)
 
   for _ in range(2):
-    run_jax(), run_torch()
+    run_jax()
+    run_torch()
   tj, tt = [], []
   for _ in range(args.reps):
     t0 = time.perf_counter(); run_jax(); tj.append(time.perf_counter() - t0)

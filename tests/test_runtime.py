@@ -3,6 +3,7 @@ temporaries mapped, so repeated calls stop page-faulting on fresh memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,6 @@ print(json.dumps({"applied": applied, "faults": min(faults)}))
 
 
 def _probe(tuned: bool, **env) -> dict:
-  import json
   r = subprocess.run([sys.executable, "-c", PROBE, "1" if tuned else "0"], capture_output=True,
                      text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
                      timeout=300)
