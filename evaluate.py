@@ -1,6 +1,6 @@
 """Evaluate a geojax model on scenes with ground truth.
 
-    python evaluate.py --config=configs/evaluate.py:da3-small \
+    python evaluate.py --config=configs/evaluate.py:PRESET \
         --config.data.num_scenes=4 --config.out_dir=outputs/eval
 
 Loads a model (a geojax checkpoint with ``--config.model.checkpoint``, official weights with
@@ -37,6 +37,9 @@ def load_model(cfg):
         cfg.model.checkpoint, family=family.name, what="model.checkpoint")
     source = f"checkpoint {os.path.abspath(cfg.model.checkpoint)}"
   elif cfg.model.weights:
+    if family.load_official is None:
+      raise ValueError(f"model.weights: the {family.name!r} family has no official weights; "
+                       "use model.checkpoint")
     if not os.path.exists(cfg.model.weights):
       raise FileNotFoundError(f"model.weights {cfg.model.weights} does not exist")
     model = family.load_official(cfg.model.weights, model_config)
@@ -48,14 +51,24 @@ def load_model(cfg):
   return model, family, model_config, source
 
 
+MODEL_FIELDS = ("family", "preset", "checkpoint", "weights", "seed")
+
+
+def inference_options(model_cfg) -> dict:
+  """The family's inference options: every ``model.*`` field but the loading ones."""
+  return {k: model_cfg[k] for k in model_cfg if k not in MODEL_FIELDS}
+
+
 def scene_list(data) -> tuple[list, int]:
   """``(iterable of (name, scene), count)`` for ``data.source``; scenes load lazily."""
   if data.source == "synthetic":
     from geojax.data.synthetic import render_scene
     if data.num_scenes < 1:
       raise ValueError(f"data.num_scenes must be >= 1; got {data.num_scenes}")
+    dynamic = bool(data.get("dynamic", False))
     gen = ((f"scene_{i:04d}", render_scene(data.seed, i, num_views=data.num_views,
-                                           height=data.height, width=data.width))
+                                           height=data.height, width=data.width,
+                                           dynamic=dynamic))
            for i in range(data.num_scenes))
     return gen, data.num_scenes
   if data.source == "scene_folder":
@@ -104,9 +117,7 @@ def evaluate(cfg) -> dict:
   model, family, model_config, source = load_model(cfg)
   groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config),
                                          has_depth=has_depth)
-  predict = family.predictor(model, dict(process_res=cfg.model.process_res,
-                                         ref_view_strategy=cfg.model.ref_view_strategy,
-                                         use_ray_pose=cfg.model.use_ray_pose))
+  predict = family.get_predictor(model, inference_options(cfg.model))
   rows = evaluator.run(predict, scenes, groups, options, out_dir, cfg.pictures and has_depth,
                        progress=lambda it: tqdm(it, total=n_scenes, desc="scenes", unit="scene"))
   mean = evaluator.aggregate(rows)

@@ -69,7 +69,7 @@ def _args(argv=None) -> argparse.Namespace:
                   help="comma-separated view counts, e.g. 2,4,8,16,32")
   ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                   help="backbone compute dtype (heads and cameras stay fp32)")
-  ap.add_argument("--attn", choices=("xla", "cudnn"), default="xla")
+  ap.add_argument("--attn", choices=("xla", "cudnn", "chunked"), default="xla")
   ap.add_argument("--head-chunk", type=int, default=0, help="DA3Config.head_chunk (0 = off)")
   ap.add_argument("--view-devices", type=int, default=1,
                   help="devices on the 'view' mesh axis (1 = a single device, no mesh)")
@@ -91,7 +91,7 @@ def _worker(args: argparse.Namespace) -> dict:
   from jax.experimental.compilation_cache import compilation_cache
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from geojax.models.da3 import DA3
+  from geojax.models import registry
   from geojax.parallel.sharding import make_view_mesh
   from geojax.runtime import enable_compilation_cache, tune_host_allocator
 
@@ -99,8 +99,10 @@ def _worker(args: argparse.Namespace) -> dict:
   enable_compilation_cache()  # model creation compiles once for the whole sweep
   s, (h, w) = args.worker, args.res
   dtype = jnp.bfloat16 if args.dtype == "bf16" else None
-  model = DA3.from_preset(args.preset, rngs=nnx.Rngs(0), dtype=dtype, attn_impl=args.attn,
-                          head_chunk=args.head_chunk)
+  model = registry.family_for_preset(args.preset).build(
+      {"preset": args.preset,
+       "overrides": dict(dtype=dtype, attn_impl=args.attn, head_chunk=args.head_chunk)},
+      nnx.Rngs(0))
   # The forward's compile is timed: no persistent cache from here on (``reset_cache`` makes
   # JAX re-read the switch, which it otherwise checks once per process).
   jax.config.update("jax_enable_compilation_cache", False)

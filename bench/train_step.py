@@ -64,10 +64,14 @@ def main():
   views, batch_size, hw = args.views or d[1], args.batch or d[2], tuple(args.hw or d[3])
 
   from flax import nnx
-  from geojax.models.da3 import DA3, OFFICIAL_PRESETS
+  import ml_collections
+  from geojax.models import registry
+  from geojax.models.da3 import OFFICIAL_PRESETS
   from geojax.train import default_optim_config, make_optimizer
   from geojax.train.step import init_state, make_train_step
-  from geojax.train.tasks import DA3Task, normalize_images
+  from geojax.train.tasks import normalize_images
+
+  family = registry.family_for_preset(preset)  # model and task come from the registry
 
   overrides = dict(remat=args.remat)
   if args.gpu:
@@ -110,7 +114,7 @@ def main():
       if args.gpu:
         torch.cuda.synchronize()
   else:
-    model = DA3.from_preset(preset, rngs=nnx.Rngs(0), **overrides)
+    model = family.build({"preset": preset, "overrides": overrides}, nnx.Rngs(0))
 
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   oc = default_optim_config()
@@ -125,7 +129,8 @@ def main():
         f"jax {jax.__version__} on {device.device_kind}")
 
   t0 = time.perf_counter()
-  step = make_train_step(graphdef, tx, DA3Task().loss_fn).lower(state, jbatch, key).compile()
+  task = family.make_task(ml_collections.ConfigDict(dict(total_steps=1000)))
+  step = make_train_step(graphdef, tx, task.loss_fn).lower(state, jbatch, key).compile()
   compile_s = time.perf_counter() - t0
   flops = (step.cost_analysis() or {}).get("flops", float("nan"))
   state, m = step(state, jbatch, key)  # warm-up

@@ -16,7 +16,8 @@ r"""DA3 training config: ``python train.py --config=configs/da3.py:ARG --workdir
 Every field can be overridden on the command line (``--config.optim.lr=1e-4``). Fields:
 
   model.family, model.preset: registry family and preset (``geojax.models.da3.PRESET_NAMES``).
-  model.attn_impl: ``xla`` or ``cudnn`` (cuDNN needs bf16 compute on a GPU).
+  model.attn_impl: ``xla``, ``cudnn`` (cuDNN needs bf16 compute on a GPU) or ``chunked``
+    (blockwise attention, memory linear in the tokens, any backend).
   model.dtype: compute dtype of the backbone, ``float32`` or ``bfloat16`` (parameters stay fp32).
   model.remat: remat policy of the block stacks (``geojax.nn.stack.REMAT_POLICIES``).
   model.scan: scan the block stacks with ``nnx.scan`` (faster compiles).

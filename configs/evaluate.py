@@ -1,27 +1,32 @@
 """Evaluation config: ``python evaluate.py --config=configs/evaluate.py[:PRESET]``.
 
-``PRESET`` is a DA3 preset name (default ``da3-small``). Every field can be overridden on the
-command line, e.g. ``--config.data.num_scenes=8 --config.model.weights=/path/to/DA3-LARGE``.
+``PRESET`` is a preset name of any registered model family (default ``da3-small``); it selects
+the family. Every field can be overridden on the command line, e.g.
+``--config.data.num_scenes=8 --config.model.weights=/path/to/DA3-LARGE``.
 
 Fields:
-  model.family: registry name of the model family (``da3``).
-  model.preset: preset of the family (``da3-small`` ... ``da3nested-giant-large``).
+  model.family: registry name of the model family (set from the preset).
+  model.preset: preset of the family (DA3: ``da3-small`` ... ``da3nested-giant-large``).
   model.checkpoint: a geojax model checkpoint directory (``geojax.io.checkpoint.save_model``).
   model.weights: official weights (directory with ``model.safetensors`` or the file itself).
     With neither, the model is randomly initialised (``model.seed``) - useful only as a smoke
     test of the pipeline.
-  model.process_res: long side the views are resized to (rounded to multiples of 14).
-  model.ref_view_strategy, model.use_ray_pose: DA3 inference options.
+  model.*: every other field is an inference option of the family (``Family.eval_options``),
+    e.g. DA3's ``process_res`` (long side the views are resized to, rounded to multiples of
+    14), ``ref_view_strategy`` and ``use_ray_pose``.
   data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``), ``scene_folder``
     (``data.path`` is one scene folder or a folder of them, ``geojax.data.formats``) or
     ``colmap`` (``data.path`` is a sparse model folder, ``data.images`` its images folder,
     default ``<path>/../images``; cameras only, so only pose metrics apply).
   data.seed, data.num_scenes, data.num_views, data.height, data.width: synthetic scene family,
     how many scenes, views per scene and their resolution (``num_scenes`` also caps the scene
-    folders read; 0 = all).
+    folders read; 0 = all). ``data.dynamic``: moving objects and ground-truth 3D tracks
+    (needed by the ``track`` group).
   data.max_depth: ground-truth depth above this is ignored (0 = no limit).
-  metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``) or ``all``;
-    groups that do not apply to the model's outputs are skipped with a note.
+  metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``, ``normal``,
+    ``track``) or ``all``; groups that do not apply to the model's outputs are skipped (with a
+    note for the geometry groups), and ``normal`` / ``track`` need ground-truth normals / tracks
+    in the scenes.
   depth_align: alignment of predicted to GT depth per view before depth metrics:
     ``none``, ``median``, ``scale``, ``scale_shift`` or ``disparity_affine``.
   pose_thresholds: AUC thresholds in degrees.
@@ -37,13 +42,16 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  from geojax.models import registry
+  preset = arg or "da3-small"
+  family = registry.family_for_preset(preset)
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
-      family="da3", preset=arg or "da3-small", checkpoint="", weights="", seed=0,
-      process_res=504, ref_view_strategy="saddle_balanced", use_ray_pose=False))
+      family=family.name, preset=preset, checkpoint="", weights="", seed=0,
+      **family.eval_options))
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", images="", seed=0, num_scenes=4, num_views=4, height=280,
-      width=504, max_depth=0.0))
+      width=504, max_depth=0.0, dynamic=False))
   c.metrics = "all"
   c.depth_align = "median"
   c.pose_thresholds = (3, 5, 15, 30)

@@ -243,12 +243,17 @@ def test_param_count_and_round_trip(preset):
   net, model, sd = pair(preset)
   assert count_params(model) == OFFICIAL_PARAMS[preset]
   assert sum(p.numel() for p in net.parameters()) == OFFICIAL_PARAMS[preset]
-  back = conv.to_torch_state_dict(model)
-  assert set(back) == set(sd)
-  for k, v in sd.items():
-    assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
-  # and it loads into the official module unchanged
-  net.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+  # Streamed one tensor at a time: a full second copy of the giant weights (6.8 GB for the
+  # nested model) pushed the heavy tests past 21 GiB.
+  seen = set()
+  for k, a in conv.iter_torch_state_dict(model):
+    assert k in sd and k not in seen, k
+    seen.add(k)
+    assert a.dtype == sd[k].dtype and np.array_equal(a, sd[k]), k
+    # and it loads into the official module unchanged
+    missing, unexpected = net.load_state_dict({k: torch.from_numpy(a)}, strict=False)
+    assert not unexpected, k
+  assert seen == set(sd)
 
 
 def test_random_init_param_counts():

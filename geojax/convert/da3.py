@@ -208,9 +208,10 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], preset: str, *,
   return nnx.merge(graphdef, state)
 
 
-def to_torch_state_dict(model) -> dict[str, np.ndarray]:
-  """geojax DA3/NestedDA3 -> official ``state_dict()`` layout (NumPy float32, no prefix)."""
-  out: dict[str, np.ndarray] = {}
+def iter_torch_state_dict(model):
+  """``(key, array)`` pairs of :func:`to_torch_state_dict`, one parameter at a time (a tensor
+  stored under several official names comes once per name, as the same array), so that a
+  giant model can be exported or checked without a second copy of all its weights."""
   subs = ([("da3.", model.da3), ("da3_metric.", model.da3_metric)]
           if isinstance(model, da3_lib.NestedDA3) else [("", model)])
   for prefix, sub in subs:
@@ -220,8 +221,12 @@ def to_torch_state_dict(model) -> dict[str, np.ndarray]:
         a = value[l] if stacked else value
         a = np.ascontiguousarray(_to_torch_layout(a, kind))
         for k in alternatives:
-          out[prefix + k] = a
-  return out
+          yield prefix + k, a
+
+
+def to_torch_state_dict(model) -> dict[str, np.ndarray]:
+  """geojax DA3/NestedDA3 -> official ``state_dict()`` layout (NumPy float32, no prefix)."""
+  return dict(iter_torch_state_dict(model))
 
 
 def infer_preset(state_dict: Mapping[str, np.ndarray], config: Mapping | None = None) -> str:

@@ -8,7 +8,14 @@ Used by ``evaluate.py``. Metric groups:
   with >= 3 views, ATE after Sim(3) alignment of camera centres;
 - ``pointcloud``: predicted depth un-projected with the predicted cameras (GT cameras for
   depth-only models), aligned to the GT points by Umeyama Sim(3) over pixel correspondences, then
-  accuracy / completeness / Chamfer / precision / recall / F-score.
+  accuracy / completeness / Chamfer / precision / recall / F-score;
+- ``normal`` (models that predict normals, scenes with GT ``normals``): angular error on valid
+  pixels (:func:`geojax.eval.metrics.normal_metrics`), keys prefixed ``normal_``;
+- ``track`` (models that predict 3D tracks, scenes with GT ``tracks``): each GT track is queried
+  at the first frame it is visible in (``track_queries`` ``(P, 3)`` ``(t, u, v)`` passed to the
+  predictor), and the predicted world tracks, moved into each frame's camera (predicted cameras
+  when the model has them), are scored with the TAPVid-3D metrics (median scaling), keys
+  prefixed ``track_``.
 
 Scene-level numbers are averaged over scenes with equal weight.
 """
@@ -27,8 +34,10 @@ from geojax.eval import metrics as M
 from geojax.geometry import alignment, unproject
 from geojax.io import visualize as viz
 
-GROUPS = ("depth", "pose", "pointcloud")
-NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth"}
+GROUPS = ("depth", "pose", "pointcloud", "normal", "track")
+NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth", "normal": "normals",
+         "track": "tracks"}
+GT_KEYS = {"normal": "normals", "track": "tracks"}  # scene keys those groups need
 
 
 def parse_groups(spec: str, predicts: tuple[str, ...], has_depth: bool = True
@@ -44,10 +53,12 @@ def parse_groups(spec: str, predicts: tuple[str, ...], has_depth: bool = True
   if unknown or not names:
     raise ValueError(f"metrics: unknown metric group(s) {unknown or [spec]}; choose from "
                      f"{', '.join(GROUPS)} or 'all'")
+  explicit = spec.strip() != "all"
   run, notes = [], []
   for n in names:
     if NEEDS[n] not in predicts:
-      notes.append(f"{n}: skipped, the model does not predict {NEEDS[n]}")
+      if explicit or n in ("depth", "pose", "pointcloud"):
+        notes.append(f"{n}: skipped, the model does not predict {NEEDS[n]}")
     elif n in ("depth", "pointcloud") and not has_depth:
       notes.append(f"{n}: skipped, the dataset has no ground-truth depth")
     else:
@@ -81,6 +92,11 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     out.update(M.rra_rta(ext_p, ext_g))
     if s >= 3:
       out["ate"] = float(M.ate(ext_p, ext_g))
+  if "normal" in groups and "normals" in scene:
+    nm = M.normal_metrics(pred["normals"], scene["normals"], mask)
+    out.update({f"normal_{k}": v for k, v in nm.items()})
+  if "track" in groups and "tracks" in scene and "queries" in options:
+    out.update(track_scores(pred, scene, options["queries"]))
   if "pointcloud" in groups:
     use_pred = "extrinsics" in pred
     k = pred["intrinsics"] if use_pred else scene["intrinsics"]
@@ -97,6 +113,35 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     aligned = sc * p_pts @ rot.T + tr
     out.update(M.pointcloud_metrics(aligned, g_pts, threshold=options["pointcloud_threshold"]))
   return out
+
+
+def track_queries(scene: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """``(queries (P', 3) (t, u, v), kept (P,) bool)``: each GT track at the first frame it is
+  visible in, projected with the GT camera; tracks never visible are dropped."""
+  tracks, vis = scene["tracks"].astype(np.float64), scene["track_visible"].astype(bool)
+  kept = vis.any(0)
+  t0 = np.argmax(vis, 0)
+  p = np.arange(tracks.shape[1])
+  x = tracks[t0, p]
+  ext, k = scene["extrinsics"][t0].astype(np.float64), scene["intrinsics"][t0].astype(np.float64)
+  cam = np.einsum("pij,pj->pi", ext[:, :3, :3], x) + ext[:, :3, 3]
+  uv = np.einsum("pij,pj->pi", k[:, :2], cam / np.maximum(cam[:, 2:], 1e-9))
+  q = np.concatenate([t0[:, None].astype(np.float64), uv], 1).astype(np.float32)
+  return q[kept], kept
+
+
+def track_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray],
+                 kept: np.ndarray) -> dict[str, float]:
+  """TAPVid-3D metrics of predicted world tracks against the kept GT tracks (camera frames)."""
+  gt_w2c = scene["extrinsics"].astype(np.float64)
+  w2c = pred["extrinsics"].astype(np.float64) if "extrinsics" in pred else gt_w2c
+  to_cam = lambda e, x: np.einsum("sij,spj->spi", e[:, :3, :3], x) + e[:, None, :3, 3]
+  gt = to_cam(gt_w2c, scene["tracks"][:, kept].astype(np.float64))
+  pt = to_cam(w2c, np.asarray(pred["tracks"], np.float64))
+  h, w = scene["images"].shape[1:3]
+  tm = M.tapvid3d_metrics(pt, gt, np.asarray(pred["track_visible"]) > 0.5,
+                          scene["track_visible"][:, kept], scene["intrinsics"][0], (h, w))
+  return {f"track_{k}": v for k, v in tm.items() if k != "average_pts_within_thresh"}
 
 
 def scene_picture(images: np.ndarray, pred: dict[str, np.ndarray], scene: dict[str, np.ndarray],
@@ -161,14 +206,20 @@ def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
         progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict[str, Any]]:
   """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``."""
   rows = []
-  need_depth = any(g in groups for g in ("depth", "pointcloud"))
+  need_depth = any(g in groups for g in ("depth", "pointcloud", "normal"))
   for name, scene in progress(scenes):
     mask = valid_mask(scene, float(options.get("max_depth", 0.0))) if need_depth else None
     if need_depth and not mask.any():
       raise ValueError(f"scene {name}: no valid ground-truth depth (all pixels masked; "
                        f"max_depth={options.get('max_depth', 0.0)})")
-    pred = predict(scene["images"])
-    rows.append({"scene": name, **score_scene(pred, scene, mask, groups, options)})
+    opts = options
+    if "track" in groups and "tracks" in scene:
+      queries, kept = track_queries(scene)
+      pred = predict(scene["images"], track_queries=queries)
+      opts = {**options, "queries": kept}
+    else:
+      pred = predict(scene["images"])
+    rows.append({"scene": name, **score_scene(pred, scene, mask, groups, opts)})
     if len(rows[-1]) == 1:
       raise ValueError(f"scene {name}: no metric applies (pose needs >= 2 views)")
     if pictures and out_dir and mask is not None:

@@ -36,6 +36,9 @@ DA3_CONF_BASE = 1.05  # base confidence threshold, clamped into [lower, upper] p
 DA3_CONF_CAP_PERCENTILE = 90.0  # upper percentile: the threshold never exceeds it
 DA3_MAX_POINTS = 1_000_000  # uniform random subsample above this many points
 DA3_CAMERA_SIZE = 0.03  # frustum depth as a fraction of the scene diagonal
+# Family-neutral names of the export defaults above, for every model's point clouds.
+DEFAULT_CONF_PERCENTILE = DA3_CONF_PERCENTILE
+DEFAULT_MAX_POINTS = DA3_MAX_POINTS
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",

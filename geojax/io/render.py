@@ -35,9 +35,9 @@ _LINE_WIDTH = 2  # frustum lines, in pixels
 _STATS_SAMPLE = 65_536  # points drawn (with replacement) for the centre, scale and framing
 
 
-def _cameras(extrinsics: Any, intrinsics: Any, image_hw: Any, who: str,
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Checked ``(c2w (S, 4, 4), K (S, 3, 3), hw (S, 2) int)`` in float64."""
+def camera_arrays(extrinsics: Any, intrinsics: Any, who: str) -> tuple[np.ndarray, np.ndarray]:
+  """Shape-checked ``(w2c (S, 4, 4), K (S, 3, 3))`` float64 (``(3, 4)`` poses completed; one
+  ``(3, 3)`` K shared by all views); values are not checked."""
   e = np.asarray(extrinsics, np.float64)
   if e.ndim == 2:
     e = e[None]
@@ -47,8 +47,6 @@ def _cameras(extrinsics: Any, intrinsics: Any, image_hw: Any, who: str,
   s = e.shape[0]
   if e.shape[1] == 3:
     e = np.concatenate([e, np.broadcast_to(np.array([[[0.0, 0, 0, 1]]]), (s, 1, 4))], axis=1)
-  if not np.isfinite(e).all():
-    raise ValueError(f"{who}: extrinsics must be finite")
   if intrinsics is None:
     raise ValueError(f"{who}: intrinsics (S, 3, 3) are required when extrinsics are given")
   k = np.asarray(intrinsics, np.float64)
@@ -57,6 +55,16 @@ def _cameras(extrinsics: Any, intrinsics: Any, image_hw: Any, who: str,
   if k.shape != (s, 3, 3):
     raise ValueError(f"{who}: intrinsics must have shape ({s}, 3, 3) or (3, 3) for {s} "
                      f"extrinsics, got {np.shape(intrinsics)}")
+  return e, k
+
+
+def _cameras(extrinsics: Any, intrinsics: Any, image_hw: Any, who: str,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Checked ``(c2w (S, 4, 4), K (S, 3, 3), hw (S, 2) int)`` in float64."""
+  e, k = camera_arrays(extrinsics, intrinsics, who)
+  s = e.shape[0]
+  if not np.isfinite(e).all():
+    raise ValueError(f"{who}: extrinsics must be finite")
   if not np.isfinite(k).all() or np.any(np.abs(np.linalg.det(k)) < 1e-12):
     raise ValueError(f"{who}: intrinsics must be finite and invertible")
   if image_hw is None:

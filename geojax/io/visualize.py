@@ -76,3 +76,54 @@ def save_png(path: str, image: np.ndarray, *, overwrite: bool = False) -> None:
   tmp = f"{path}.tmp-{os.getpid()}.png"
   Image.fromarray(np.asarray(image, np.uint8)).save(tmp)
   os.replace(tmp, path)
+
+
+def colorize_normals(normals: np.ndarray) -> np.ndarray:
+  """Camera-frame unit normals ``(..., 3)`` (OpenCV axes) -> uint8 RGB ``(n + 1) / 2``: red is
+  +x (right), green +y (down), blue +z (away from the camera); invalid (zero or non-finite) -> black."""
+  n = np.asarray(normals, np.float32)
+  ok = np.all(np.isfinite(n), -1) & (np.linalg.norm(np.where(np.isfinite(n), n, 0), axis=-1) > 0)
+  rgb = (np.clip(np.where(ok[..., None], n, 0), -1, 1) + 1) * 0.5
+  rgb = np.where(ok[..., None], rgb, 0)
+  return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def track_colors(n: int) -> np.ndarray:
+  """``(n, 3)`` uint8 colours, well spread in hue, for ``n`` tracks."""
+  import colorsys
+  hues = (np.arange(n) * 0.618033988749895) % 1.0
+  return np.array([[int(c * 255) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues],
+                  np.uint8).reshape(n, 3)
+
+
+def draw_tracks(frames: np.ndarray, uv: np.ndarray, visible: np.ndarray, *,
+                max_frames: int = 4, trail: int = 8, radius: int = 2) -> np.ndarray:
+  """A picture of 2D tracks over frames: up to ``max_frames`` frames (evenly chosen) side by
+  side, each with a dot at every track visible there and its trail over the ``trail`` frames
+  before.
+
+  Args:
+    frames: uint8 ``(S, H, W, 3)``.
+    uv: ``(S, P, 2)`` pixel positions (geojax convention; non-finite = unknown).
+    visible: ``(S, P)`` bool or probabilities (> 0.5 = visible).
+  """
+  from PIL import ImageDraw
+  s, h, w = frames.shape[:3]
+  vis = np.asarray(visible) > 0.5
+  uv = np.asarray(uv, np.float64)
+  ok = vis & np.all(np.isfinite(uv), -1)
+  colors = track_colors(uv.shape[1])
+  pick = np.unique(np.linspace(0, s - 1, min(max_frames, s)).round().astype(int))
+  tiles = []
+  for t in pick:
+    im = Image.fromarray(np.ascontiguousarray(frames[t]))
+    draw = ImageDraw.Draw(im)
+    for p in np.flatnonzero(ok[t]):
+      pts = [tuple(uv[j, p] + 0.5) for j in range(max(0, t - trail), t + 1) if ok[j, p]]
+      c = tuple(int(v) for v in colors[p])
+      if len(pts) > 1:
+        draw.line(pts, fill=c, width=1)
+      x, y = pts[-1]
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=c)
+    tiles.append(np.asarray(im))
+  return np.concatenate(tiles, 1) if tiles else np.zeros((h, w, 3), np.uint8)

@@ -55,7 +55,8 @@ class DA3Config:
     features, out_channels: DPT widths.
     cameras: build the camera encoder/decoder.
     gs_head: build the Gaussian-splatting DPT (giant).
-    attn_impl: ``"xla"`` or ``"cudnn"`` (bf16/fp16 only).
+    attn_impl: ``"xla"``, ``"cudnn"`` (bf16/fp16 only) or ``"chunked"`` (blockwise, memory
+      linear in the tokens; see ``geojax.nn.attention.attend``).
     remat: remat policy name for the block stacks (see ``geojax.nn.stack.REMAT_POLICIES``).
     scan: scan the block stacks (``False``: unrolled loop).
     dtype: compute dtype of the backbone (heads and camera maths stay float32).

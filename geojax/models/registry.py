@@ -1,63 +1,182 @@
-"""Model families behind one interface for ``evaluate.py`` (and, later, training and inference).
+"""Model families: one interface behind ``geojax predict``, ``evaluate.py``, ``train.py``,
+``demo.py`` and the benches.
 
-A family knows how to build a model from a JSON-able config, load official weights, and run a
-*predictor*: uint8 RGB views of one scene ``(S, H, W, 3)`` in, a dict of NumPy arrays at the input
-resolution out. Standard output keys:
+A *family* is one module that builds a :class:`Family` and calls :func:`register` when it is
+imported. The built-in families are listed in :mod:`geojax.families`; other packages can add
+theirs through the ``geojax.families`` entry-point group (``name = "package.module"``), or a
+script can simply ``register(Family(...))`` before calling the library. Nothing here names a
+family: every caller looks families up by name (``get_family``), by preset
+(``family_for_preset``) or by model (``family_of``).
 
-- ``depth`` ``(S, H, W)`` z-depth (relative scale unless ``metric``), ``depth_conf`` ``(S, H, W)``;
-- ``extrinsics`` ``(S, 4, 4)`` world-to-camera and ``intrinsics`` ``(S, 3, 3)`` in pixels, for
-  families that predict cameras;
-- ``sky`` ``(S, H, W)`` where predicted.
+What a family provides (only ``name``, ``build`` and ``predict`` are required):
 
-``Family.predicts`` lists the kinds of output (``depth``, ``cameras``) so that the evaluator can
-report every metric that applies and skip the others.
+- ``build(config, rngs)``: a model from the JSON-able config stored in checkpoints
+  (``{"preset": ..., "overrides": {...}}``);
+- ``load_official(path, config)``: official weights from safetensors (a file or a directory);
+  ``identify_official(path)`` tells whether a path holds this family's official weights (and
+  which preset); ``convert_state_dict(state_dict)`` is the hook of ``geojax convert`` that turns
+  an official (pickled, loaded with ``torch.load(weights_only=True)``) state dict into the
+  tensors the safetensors file stores;
+- ``predict(model, images, *, extrinsics, intrinsics, names, mesh, **options)``: one scene or
+  video (uint8 ``(H, W, 3)`` views) -> :class:`geojax.predict.Prediction`; ``predict_args``
+  declares the family's ``geojax predict`` options;
+- ``predictor(model, options)``: the evaluation view of ``predict``: uint8 ``(S, H, W, 3)`` in,
+  a dict of NumPy arrays at the input resolution out (standard keys below). The default adapts
+  ``predict``;
+- ``predicts(config)``: the output kinds the model produces (:data:`OUTPUT_KINDS`), from which
+  the evaluator picks its metric groups;
+- ``make_task(config)``: the training task (``task.loss_fn(model, batch, rng) -> (loss, aux)``,
+  ``task.family``) for ``train.py``; ``model_config(config.model)`` the stored model config;
+- ``eval_options``: its inference options with their defaults, which ``configs/evaluate.py``
+  exposes as ``model.*`` fields; ``demo``: its ``make demo-<family>`` run (:class:`Demo`),
+  which trains ``configs/<family>.py:<config_arg>`` (the family's training config, big_vision
+  style, next to ``train.py``).
+
+Standard keys of ``predictor`` outputs: ``depth`` ``(S, H, W)`` z-depth, ``depth_conf``,
+``extrinsics`` ``(S, 4, 4)`` world-to-camera and ``intrinsics`` ``(S, 3, 3)`` pixels, ``sky``,
+``normals`` ``(S, H, W, 3)`` camera-frame unit normals, ``tracks`` ``(S, P, 3)`` world points of
+the ground truth's query points with ``track_visible`` ``(S, P)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from geojax.nn.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
+
+# What a family can produce; ``Family.predicts`` returns a subset.
+OUTPUT_KINDS = ("depth", "confidence", "cameras", "points", "local_points", "normals", "tracks",
+                "metric_scale", "sky")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictArg:
+  """One ``geojax predict`` option of a family: ``add_argument(*flags, **kwargs)``; the parsed
+  value reaches ``Family.predict`` as the keyword ``dest``."""
+  flags: tuple[str, ...]
+  kwargs: dict[str, Any]
+
+  @property
+  def dest(self) -> str:
+    return self.kwargs.get("dest") or self.flags[0].lstrip("-").replace("-", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+  """``make demo-<family>``: train ``train_config(config_arg)`` for a few minutes on synthetic
+  scenes, evaluate before and after, and print ``rows`` (label, metric key) of the summary."""
+  config_arg: str = "runlocal"
+  rows: tuple[tuple[str, str], ...] = (("depth AbsRel (lower is better)", "abs_rel"),
+                                       ("depth delta1 (higher is better)", "delta1"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """How one model family is built, loaded and run.
-
-  Attributes:
-    name: registry key (``"da3"``).
-    build: ``(config: dict, rngs) -> model``; ``config`` is the JSON stored in checkpoints.
-    load_official: ``(path, config) -> model`` for official weights, or None.
-    predictor: ``(model, options: dict) -> predict(images_uint8 (S, H, W, 3)) -> dict``.
-    predicts: which output kinds the family produces for a given config.
-  """
+  """How one model family is built, loaded, run, trained and demonstrated (module docstring)."""
   name: str
   build: Callable[[dict[str, Any], nnx.Rngs], nnx.Module]
-  load_official: Callable[[str, dict[str, Any]], nnx.Module] | None
-  predictor: Callable[[nnx.Module, dict[str, Any]], Callable[[np.ndarray], dict[str, np.ndarray]]]
-  predicts: Callable[[dict[str, Any]], tuple[str, ...]]
+  predict: Callable[..., Any]
+  predicts: Callable[[dict[str, Any]], tuple[str, ...]] = lambda config: ("depth",)
+  load_official: Callable[[str, dict[str, Any]], nnx.Module] | None = None
+  predictor: Callable[[nnx.Module, dict[str, Any]], Callable[[np.ndarray], dict]] | None = None
+  presets: tuple[str, ...] = ()
+  model_types: tuple[type, ...] = ()
+  identify_official: Callable[[str], str | None] | None = None
+  convert_state_dict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+  predict_args: tuple[PredictArg, ...] = ()
+  make_task: Callable[[Any], Any] | None = None
+  model_config: Callable[[Any], dict[str, Any]] | None = None
+  train_config: Callable[[str | None], Any] | None = None
+  eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  demo: Demo | None = None
+
+  def __post_init__(self):
+    if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+      raise ValueError(f"family name must be a non-empty identifier; got {self.name!r}")
+    unknown = set(self.predicts({"preset": self.presets[0] if self.presets else ""})) - set(
+        OUTPUT_KINDS)
+    if unknown:
+      raise ValueError(f"family {self.name!r} declares unknown output kinds {sorted(unknown)}; "
+                       f"expected a subset of {OUTPUT_KINDS}")
+
+  def get_predictor(self, model: nnx.Module, options: dict[str, Any]):
+    """``predict(images (S, H, W, 3) uint8) -> dict`` at the input resolution (for evaluation)."""
+    if self.predictor is not None:
+      return self.predictor(model, options)
+    return _predictor_from_predict(self, model, options)
 
 
 FAMILIES: dict[str, Family] = {}
+_LOADED = False
 
 
-def register(family: Family) -> Family:
+def register(family: Family, *, replace: bool = False) -> Family:
+  """Add ``family`` to the registry (``replace=True`` to redefine one, e.g. in a notebook)."""
+  if family.name in FAMILIES and not replace and FAMILIES[family.name] is not family:
+    raise ValueError(f"a model family named {family.name!r} is already registered")
+  for other in FAMILIES.values():
+    clash = set(family.presets) & set(other.presets)
+    if other.name != family.name and clash:
+      raise ValueError(f"family {family.name!r}: presets {sorted(clash)} already belong to "
+                       f"{other.name!r}")
   FAMILIES[family.name] = family
   return family
 
 
+def unregister(name: str) -> None:
+  FAMILIES.pop(name, None)
+
+
+def _load_builtin() -> None:
+  """Import the built-in families and those of installed plug-ins (entry points), once."""
+  global _LOADED
+  if _LOADED:
+    return
+  _LOADED = True
+  importlib.import_module("geojax.families")
+  from importlib.metadata import entry_points
+  for ep in entry_points(group="geojax.families"):
+    importlib.import_module(ep.value)
+
+
+def families() -> dict[str, Family]:
+  _load_builtin()
+  return dict(FAMILIES)
+
+
 def get_family(name: str) -> Family:
+  _load_builtin()
   if name not in FAMILIES:
     raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
   return FAMILIES[name]
+
+
+def family_for_preset(preset: str) -> Family:
+  """The family that defines ``preset``."""
+  _load_builtin()
+  for fam in FAMILIES.values():
+    if preset in fam.presets:
+      return fam
+  known = sorted(p for f in FAMILIES.values() for p in f.presets)
+  raise ValueError(f"unknown preset {preset!r}; known presets: {known}")
+
+
+def family_of(model: nnx.Module) -> Family:
+  """The family whose ``model_types`` ``model`` is an instance of."""
+  _load_builtin()
+  for fam in FAMILIES.values():
+    if fam.model_types and isinstance(model, fam.model_types):
+      return fam
+  raise ValueError(f"{type(model).__name__} belongs to no registered model family "
+                   f"({sorted(FAMILIES)}); load models with geojax.predict.load_model or "
+                   "register their family")
 
 
 def load_checkpoint(path: str, *, family: str | None = None, into: nnx.Module | None = None,
@@ -84,24 +203,7 @@ def load_checkpoint(path: str, *, family: str | None = None, into: nnx.Module | 
   return checkpoint.restore_state(path, target), fam, info["config"]
 
 
-def _resize_rgb(images: np.ndarray, h: int, w: int) -> np.ndarray:
-  if images.shape[1:3] == (h, w):
-    return images
-  return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images])
-
-
-def _resize_map(x: np.ndarray, h: int, w: int) -> np.ndarray:
-  """Bilinear resize of ``(S, h', w')`` float maps to ``(S, h, w)``."""
-  if x.shape[1:] == (h, w):
-    return x
-  return np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], h, w), "linear"))
-
-
-# ---------------------------------------------------------------------------------------------
-# DA3
-
-
-def _overrides(config: dict[str, Any]) -> dict[str, Any]:
+def config_overrides(config: dict[str, Any]) -> dict[str, Any]:
   """Runtime overrides of a stored config; ``dtype`` is stored as a string (``"bfloat16"``)."""
   out = dict(config.get("overrides", {}))
   if isinstance(out.get("dtype"), str):
@@ -109,54 +211,42 @@ def _overrides(config: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _da3_build(config: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
-  from geojax.models import da3
-  return da3.DA3.from_preset(config["preset"], rngs=rngs, **_overrides(config))
+def resize_map(x: np.ndarray, h: int, w: int) -> np.ndarray:
+  """Bilinear resize of ``(S, h', w')`` or ``(S, h', w', C)`` float maps to ``(S, h, w[, C])``."""
+  if x.shape[1:3] == (h, w):
+    return x
+  return np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], h, w) + x.shape[3:], "linear"))
 
 
-def _da3_load(path: str, config: dict[str, Any]) -> nnx.Module:
-  from geojax.convert.da3 import load_official
-  return load_official(path, config.get("preset") or None, **_overrides(config))
-
-
-def _da3_predicts(config: dict[str, Any]) -> tuple[str, ...]:
-  from geojax.models import da3
-  preset = config["preset"]
-  if preset in da3.NESTED or da3.get_config(preset).cameras:
-    return ("depth", "cameras")
-  return ("depth",)
-
-
-def _da3_predictor(model: nnx.Module, options: dict[str, Any]):
-  """DA3 at ``process_res`` (long side, rounded to multiples of 14), outputs at input size."""
-  from geojax.models.runner import jit_forward
-  fwd = jit_forward(model, ref_view_strategy=options.get("ref_view_strategy", "saddle_balanced"),
-                    use_ray_pose=bool(options.get("use_ray_pose", False)))
-  process_res = int(options.get("process_res", 504))
-
-  def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+def _predictor_from_predict(family: Family, model: nnx.Module, options: dict[str, Any]):
+  """Run ``family.predict`` on a scene and bring every map back to the input resolution."""
+  def predict(images: np.ndarray, **extra) -> dict[str, np.ndarray]:
+    """``extra``: per-scene inputs such as ``track_queries`` (P, 3) ``(t, u, v)`` pixels."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
       raise ValueError(f"images must be uint8 (S, H, W, 3); got {images.dtype} {images.shape}")
-    s, h, w = images.shape[:3]
-    scale = process_res / max(h, w)
-    ph, pw = (max(14, int(round(n * scale / 14)) * 14) for n in (h, w))
-    x = _resize_rgb(images, ph, pw).astype(np.float32) / 255.0
-    x = (x - IMAGENET_MEAN) / IMAGENET_STD
-    out = jax.device_get(fwd(jnp.asarray(x[None])))
-    res = {"depth": _resize_map(out["depth"][0], h, w),
-           "depth_conf": _resize_map(out["depth_conf"][0], h, w)}
-    if "sky" in out:
-      res["sky"] = _resize_map(out["sky"][0], h, w)
-    if "extrinsics" in out:
-      ext = np.tile(np.eye(4, dtype=np.float32), (s, 1, 1))
-      ext[:, :3] = out["extrinsics"][0]
-      k = np.array(out["intrinsics"][0], np.float32)
-      k[:, 0] *= w / pw
-      k[:, 1] *= h / ph
-      res.update(extrinsics=ext, intrinsics=k)
-    return res
-
+    h, w = images.shape[1:3]
+    names = [f"view {i}" for i in range(len(images))]
+    pred = family.predict(model, list(images), names=names, **options, **extra)
+    ph, pw = pred.depth.shape[1:3]
+    if pred.tracks is not None and (ph, pw) != (h, w):
+      raise ValueError(f"family {family.name!r}: tracks need a predictor that works at the input "
+                       f"resolution (predicted {pw}x{ph} for {w}x{h} inputs)")
+    out = {"depth": resize_map(pred.depth, h, w)}
+    for key, value in (("depth_conf", pred.depth_conf), ("sky", pred.sky)):
+      if value is not None:
+        out[key] = resize_map(value, h, w)
+    if pred.normals is not None:
+      n = resize_map(pred.normals, h, w)
+      out["normals"] = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+    if pred.extrinsics is not None:
+      k = np.array(pred.intrinsics, np.float32)
+      # geojax pixel centres: c -> (c + 0.5) * s - 0.5 for a resize by s
+      k[:, 0, :] *= w / pw
+      k[:, 1, :] *= h / ph
+      k[:, 0, 2] += 0.5 * w / pw - 0.5
+      k[:, 1, 2] += 0.5 * h / ph - 0.5
+      out.update(extrinsics=pred.extrinsics, intrinsics=k)
+    if pred.tracks is not None:
+      out.update(tracks=pred.tracks, track_visible=pred.track_visibility)
+    return out
   return predict
-
-
-register(Family("da3", _da3_build, _da3_load, _da3_predictor, _da3_predicts))

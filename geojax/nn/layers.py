@@ -10,9 +10,14 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype | None
+
+# ImageNet normalisation of RGB in [0, 1] (DINOv2 inputs).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def _axes(init, names):

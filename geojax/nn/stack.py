@@ -2,8 +2,9 @@
 
 A :class:`LayerStack` creates ``depth`` copies of a block with ``nnx.vmap`` (one ``Param`` per
 weight with a leading layer axis, logical name ``"layers"``) and runs any contiguous range of
-them with :func:`LayerStack.run`: ``nnx.scan`` + ``nnx.remat`` (policy by name) with
-``graph_updates=False``, or an unrolled Python loop (``scan=False``) for debugging. A range may
+them with :func:`LayerStack.run`: a ``lax.scan`` over layer indices (each step reads its layer
+from the stacked parameters in place) with ``jax.checkpoint`` (policy by name), or an unrolled
+Python loop (``scan=False``) for debugging. A range may
 be scanned in groups (``group=2`` scans over (local, global) pairs for alternating attention).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable",
@@ -67,19 +69,29 @@ class LayerStack(nnx.Module):
     if n % group:
       raise ValueError(f"layer range {start}:{stop} does not split into groups of {group}")
     gd, st = nnx.split(self.layers)
-    sub = jax.tree.map(lambda a: a[start:stop], st)
-    if group > 1:
-      sub = jax.tree.map(lambda a: a.reshape(n // group, group, *a.shape[1:]), sub)
+
+    def take(i):
+      """Layer ``i`` (or layers ``i .. i+group-1``) of the stacked parameters."""
+      if group > 1:
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, group), st)
+      return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), st)
+
     if not self.scan:
-      for i in range(n // group):
-        carry = body(carry, nnx.merge(gd, jax.tree.map(lambda a: a[i], sub)))
+      for i in range(start, stop, group):
+        carry = body(carry, nnx.merge(gd, take(i)))
       return carry
+
+    # The scan indexes the full stack inside the loop instead of scanning over a slice of it:
+    # a slice ``params[start:stop]`` is materialised by XLA (a second copy of the weights for
+    # the whole forward), an index inside the body reads one layer in place.
+    def step(c, i):
+      return body(c, nnx.merge(gd, take(i))), None
+
     policy = remat_policy(self.remat)
-    step = body
     if policy is not None:
-      step = nnx.remat(body, policy=policy, graph_updates=False)
-    scanned = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph_updates=False)
-    return scanned(carry, nnx.merge(gd, sub))
+      step = jax.checkpoint(step, policy=policy)
+    carry, _ = jax.lax.scan(step, carry, jnp.arange(start, stop, group))
+    return carry
 
 
 def unstack(block: nnx.Module, n: int) -> list[nnx.Module]:

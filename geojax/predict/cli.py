@@ -15,7 +15,8 @@ import sys
 import time
 import warnings
 
-from geojax.predict import preprocess
+from geojax.models import registry
+from geojax.nn import attention
 
 PROG = "geojax predict"
 
@@ -40,14 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
   w.add_argument("--weights", help=(
       "official checkpoint directory (model.safetensors + config.json), a .safetensors file, "
       "or a geojax checkpoint / training workdir"))
-  w.add_argument("--model", help="DA3 preset name when the checkpoint does not say (e.g. "
-                 "da3-large)")
+  w.add_argument("--model", metavar="PRESET", help="preset name when the weights do not say "
+                 "(any registered family's: " + ", ".join(
+                     p for f in registry.families().values() for p in f.presets) + ")")
   w.add_argument("--hub", metavar="REPO_ID", help="download REPO_ID from the Hugging Face hub "
                  "into the local cache and use it as --weights (needs huggingface_hub)")
   w.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                  help="backbone compute dtype (default: the checkpoint's, float32)")
-  w.add_argument("--attn", choices=("xla", "cudnn"), default=None,
-                 help="attention implementation (cudnn: NVIDIA GPUs with bf16/fp16)")
+  w.add_argument("--attn", choices=attention.IMPLEMENTATIONS, default=None,
+                 help="attention implementation (cudnn: NVIDIA GPUs with bf16/fp16; chunked: "
+                 "memory linear in the sequence length)")
   w.add_argument("--head-chunk", type=int, default=None, metavar="N",
                  help="views the DPT heads process at a time (0: all; bounds head memory)")
   w.add_argument("--view-devices", type=int, default=None, metavar="N",
@@ -65,21 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
   o.add_argument("--max-points", type=int, default=1_000_000,
                  help="point cloud: keep at most this many points (random subsample)")
   i = p.add_argument_group("inputs and inference")
-  i.add_argument("--process-res", type=int, default=504,
-                 help="processing resolution (longest side for upper_bound_*)")
-  i.add_argument("--process-res-method", default="upper_bound_resize",
-                 choices=preprocess.METHODS)
   i.add_argument("--fps", type=float, default=None, help="sample videos at this rate "
                  "(default: every frame)")
   i.add_argument("--max-views", type=int, default=None,
                  help="use at most this many views per scene")
   i.add_argument("--no-poses", action="store_true",
                  help="ignore known cameras of scene and COLMAP folders")
-  i.add_argument("--ref-view-strategy", default="saddle_balanced",
-                 choices=("saddle_balanced", "first", "middle", "saddle_sim_range"))
-  i.add_argument("--use-ray-pose", action="store_true",
-                 help="cameras from the predicted ray map instead of the camera head")
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
+  seen: set[str] = set()
+  for fam in registry.families().values():
+    args = [a for a in fam.predict_args if a.flags[0] not in seen]
+    if args:
+      g = p.add_argument_group(f"{fam.name} models")
+      for a in args:
+        g.add_argument(*a.flags, **a.kwargs)
+        seen.add(a.flags[0])
   return p
 
 
@@ -94,9 +97,8 @@ def _check_args(a) -> None:
     raise ValueError("pass --weights CKPT_DIR (or --hub REPO_ID)")
   if a.weights and a.hub:
     raise ValueError("pass either --weights or --hub, not both")
-  for name in ("process_res", "max_points"):
-    if getattr(a, name) is not None and getattr(a, name) < 1:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}")
+  if a.max_points is not None and a.max_points < 1:
+    raise ValueError(f"--max-points must be >= 1; got {a.max_points}")
   if a.head_chunk is not None and a.head_chunk < 0:
     raise ValueError(f"--head-chunk must be >= 0; got {a.head_chunk}")
   if not 0 <= a.conf_percentile < 100:
@@ -124,6 +126,13 @@ def predict(a) -> dict:
                                  ("head_chunk", a.head_chunk)) if v is not None}
   path = weights.hub_snapshot(a.hub) if a.hub else a.weights
   model, info = weights.load_model(path, preset=a.model, overrides=overrides)
+  family = registry.family_of(model)
+  options = {arg.dest: getattr(a, arg.dest) for arg in family.predict_args}
+  for other in registry.families().values():
+    for arg in other.predict_args:
+      if arg.dest not in options and getattr(a, arg.dest, None) != arg.kwargs.get(
+          "default", False if arg.kwargs.get("action") == "store_true" else None):
+        raise ValueError(f"{arg.flags[0]} does not apply to {family.name} models")
   mesh = None
   if a.view_devices:
     from geojax.parallel.sharding import make_view_mesh
@@ -137,15 +146,13 @@ def predict(a) -> dict:
     bar.set_postfix_str(f"{sc.name}: {len(sc.images)} views")
     posed = sc.extrinsics is not None and not a.no_poses
     pred = core.run(model, sc.images, extrinsics=sc.extrinsics if posed else None,
-                    intrinsics=sc.intrinsics if posed else None, process_res=a.process_res,
-                    process_res_method=a.process_res_method,
-                    ref_view_strategy=a.ref_view_strategy, use_ray_pose=a.use_ray_pose,
-                    names=sc.names, mesh=mesh)
+                    intrinsics=sc.intrinsics if posed else None, names=sc.names, mesh=mesh,
+                    **options)
     summary = export.write_prediction(
         pred, os.path.join(out_dir, sc.name), overwrite=a.overwrite,
         conf_percentile=a.conf_percentile, max_points=a.max_points, glb=a.glb,
         camera_source="given" if posed else "predicted",
-        info={"preset": info.get("preset"), "weights": info["weights"],
+        info={"family": family.name, "preset": info.get("preset"), "weights": info["weights"],
               "format": info["format"], "input": sc.source, "kind": sc.kind,
               "devices": jax.device_count() if mesh is None else mesh.size})
     results.append(summary)

@@ -1,123 +1,90 @@
 """Inference from Python: ``run(model, images) -> Prediction`` (NumPy in, NumPy out).
 
-The model sees the views as the official DA3 API prepares them
-(:mod:`geojax.predict.preprocess`); every output is at that processed resolution, with the
-processed RGB pixels in ``Prediction.images`` for colouring.
+:func:`run` finds the model's family in the registry (:mod:`geojax.models.registry`) and calls
+its ``predict``: the family prepares the views as its official code does, runs the network and
+fills the fields of :class:`Prediction` it has. :func:`run` then validates what came back,
+lifts depth to world points where the family gave none and warns, in one line each, about
+degenerate outputs (non-finite depth, cameras that are non-finite or whose field of view is
+below 1 or above 179 degrees), which are still returned and exported.
 
-Known cameras (``extrinsics`` and ``intrinsics`` of the original images) condition the camera
-token, and then, as the official API does by default, the outputs are expressed in the given
-frame: the returned cameras are the given ones (intrinsics rescaled to the processed size) and
-depth is divided by the scale of the Sim(3) that maps the given camera centres onto the
-predicted ones (Umeyama; DA3's RANSAC variant from 10 views on).
-
-Compiled forwards are cached per model, options, input shape and mesh, so calling :func:`run` in a
-loop over scenes of one size compiles once.
+Families keep compiled forwards per model, options, input shape and mesh, so calling :func:`run`
+in a loop over scenes of one size compiles once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
-import weakref
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from geojax.geometry import camera, unproject
-from geojax.predict import preprocess as pp
 
-RANSAC_MIN_VIEWS = 10  # the official API switches to RANSAC pose alignment from this many views
+MIN_FOV_DEG, MAX_FOV_DEG = 1.0, 179.0  # fields of view outside this range are degenerate
 
 
 @dataclasses.dataclass
 class Prediction:
-  """Per-scene outputs at the processed resolution ``(h, w)``.
+  """Per-scene outputs at the resolution the model worked at, ``(h, w)``; a family fills what
+  it predicts and leaves the rest None.
 
   Attributes:
     depth: ``(S, h, w)`` float32 z-depth (up to scale unless the model is metric or cameras
       were given).
-    depth_conf: ``(S, h, w)`` float32 confidence (higher is better).
+    depth_conf: ``(S, h, w)`` float32 confidence (higher is better), or None.
     extrinsics: ``(S, 4, 4)`` float32 world-to-camera (OpenCV axes), or None for monocular
       models.
     intrinsics: ``(S, 3, 3)`` float32 pixels, geojax convention (pixel ``(u, v)`` at integer
       coordinates is the centre of column ``u``), or None.
-    world_points: ``(S, h, w, 3)`` float32 depth lifted with the cameras (camera frame when
-      there are none).
-    images: ``(S, h, w, 3)`` uint8 processed RGB.
+    world_points: ``(S, h, w, 3)`` float32 world point map: the family's own, or depth lifted
+      with the cameras (camera frame when there are none).
+    images: ``(S, h, w, 3)`` uint8 RGB the model saw.
     names: view names.
     input_hw: original ``(H, W)`` per view.
-    sky: ``(S, h, w)`` sky probability (monocular/metric models), else None.
+    sky: ``(S, h, w)`` sky probability, or None.
+    local_points: ``(S, h, w, 3)`` float32 camera-frame point map, or None.
+    normals: ``(S, h, w, 3)`` float32 camera-frame unit normals (OpenCV axes), or None.
+    tracks: ``(S, P, 3)`` float32 world positions of ``P`` tracked points at every frame, or None.
+    track_visibility: ``(S, P)`` float32 in [0, 1] (or bool): the point is visible in frame s.
+    track_queries: ``(P, 3)`` float32 ``(t, u, v)``: frame and pixel each track starts from.
+    metric_scale: metres per unit of depth / points (multiply to get metres) when the model
+      predicts scale separately, else None.
     seconds: wall time of the forward pass (after compilation).
+    warnings: the degenerate-output messages :func:`run` reported.
+    points_from_depth: ``world_points`` were lifted from depth by :func:`run` (the family gave
+      no point map of its own).
   """
   depth: np.ndarray
-  depth_conf: np.ndarray
+  depth_conf: np.ndarray | None
   extrinsics: np.ndarray | None
   intrinsics: np.ndarray | None
-  world_points: np.ndarray
+  world_points: np.ndarray | None
   images: np.ndarray
   names: list[str]
   input_hw: list[tuple[int, int]]
   sky: np.ndarray | None = None
   seconds: float = 0.0
+  local_points: np.ndarray | None = None
+  normals: np.ndarray | None = None
+  tracks: np.ndarray | None = None
+  track_visibility: np.ndarray | None = None
+  track_queries: np.ndarray | None = None
+  metric_scale: float | None = None
+  warnings: list[str] = dataclasses.field(default_factory=list)
+  points_from_depth: bool = False
 
-
-_CACHE: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _compiled(model: nnx.Module, options: tuple, images, ext, k, mesh):
-  """``f(images, extrinsics, intrinsics)`` compiled for ``model``, static ``options``, these
-  input shapes and ``mesh`` (parameters replicated over it), cached while the model lives."""
-  per_model = _CACHE.setdefault(model, {})
-  key = (options, jax.tree.map(lambda a: (a.shape, str(a.dtype)), (images, ext, k)),
-         None if mesh is None else (mesh.axis_names, mesh.axis_sizes, tuple(mesh.device_ids.flat)))
-  if key not in per_model:
-    graphdef, state = nnx.split(model)
-    if mesh is not None:
-      state = jax.device_put(state, NamedSharding(mesh, P()))
-    kwargs = dict(options)
-
-    def apply(state, images, ext, k):
-      out = nnx.merge(graphdef, state)(images, ext, k, **kwargs)
-      keep = ("depth", "depth_conf", "extrinsics", "intrinsics", "sky")
-      return {name: out[name] for name in keep if name in out}
-
-    exe = jax.jit(apply).lower(state, images, ext, k).compile()
-    per_model[key] = (exe, state)
-  exe, state = per_model[key]
-  return lambda *args: exe(state, *args)
-
-
-def _shift_principal_point(k: np.ndarray, d: float) -> np.ndarray:
-  """Move principal points by ``d`` pixels. DA3 works with pixel corners at integers (its
-  principal points are ``(W/2, H/2)``), geojax with pixel centres at integers: DA3 -> geojax is
-  ``d = -0.5``, geojax -> DA3 ``d = +0.5``."""
-  k = np.array(k, np.float32)
-  k[..., :2, 2] += d
-  return k
-
-
-def _homogeneous(ext: np.ndarray) -> np.ndarray:
-  return np.asarray(camera.to_homogeneous(jnp.asarray(ext, jnp.float32)))
-
-
-def _align_scale(pred_w2c: np.ndarray, given_w2c: np.ndarray) -> float:
-  """Scale ``s`` of the Sim(3) with ``pred_centres ~ s R given_centres + t``."""
-  from geojax.geometry import alignment
-  src, dst = (np.asarray(camera.camera_center(jnp.asarray(e))) for e in (given_w2c, pred_w2c))
-  if len(src) < 2:
-    return 1.0
-  if len(src) >= RANSAC_MIN_VIEWS:
-    s, _, _ = alignment.ransac_umeyama(src, dst, seed=42)[:3]
-  else:
-    s, _, _ = alignment.umeyama(src, dst)
-  s = float(s)
-  return s if np.isfinite(s) and s > 0 else 1.0
+  def kinds(self) -> tuple[str, ...]:
+    """The output kinds present (:data:`geojax.models.registry.OUTPUT_KINDS`)."""
+    have = {"depth": self.depth, "confidence": self.depth_conf, "cameras": self.extrinsics,
+            "points": self.world_points, "local_points": self.local_points,
+            "normals": self.normals, "tracks": self.tracks, "metric_scale": self.metric_scale,
+            "sky": self.sky}
+    return tuple(k for k, v in have.items() if v is not None)
 
 
 def assumed_intrinsics(s: int, h: int, w: int) -> np.ndarray:
@@ -140,28 +107,91 @@ def world_points(depth: np.ndarray, intrinsics: np.ndarray | None,
   return np.asarray(unproject.depth_to_world_points(d, k, jnp.asarray(extrinsics, jnp.float32)))
 
 
+def homogeneous(ext: np.ndarray) -> np.ndarray:
+  """``(S, 3|4, 4)`` -> ``(S, 4, 4)`` float32."""
+  return np.asarray(camera.to_homogeneous(jnp.asarray(ext, jnp.float32)))
+
+
+def degenerate_outputs(pred: Prediction) -> list[str]:
+  """One message per kind of degenerate output in ``pred`` (empty when all is well)."""
+  msgs = []
+  s, h, w = pred.depth.shape
+  bad = ~np.isfinite(pred.depth)
+  if bad.any():
+    views = np.flatnonzero(bad.reshape(s, -1).any(1))
+    msgs.append(f"non-finite depth in {int(bad.sum())} pixels of {len(views)} view(s) "
+                f"(first: {pred.names[views[0]]})")
+  if pred.extrinsics is not None:
+    ext_ok = np.isfinite(pred.extrinsics).reshape(s, -1).all(1)
+    k = np.asarray(pred.intrinsics, np.float64)
+    k_ok = np.isfinite(k).reshape(s, -1).all(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      fov_w = np.degrees(2 * np.arctan2(w / 2, np.abs(k[:, 0, 0])))
+      fov_h = np.degrees(2 * np.arctan2(h / 2, np.abs(k[:, 1, 1])))
+    fov_ok = ((fov_w >= MIN_FOV_DEG) & (fov_w <= MAX_FOV_DEG) & (fov_h >= MIN_FOV_DEG)
+              & (fov_h <= MAX_FOV_DEG))
+    nonfinite = np.flatnonzero(~(ext_ok & k_ok))
+    if len(nonfinite):
+      msgs.append(f"non-finite predicted camera in {len(nonfinite)} view(s) "
+                  f"(first: {pred.names[nonfinite[0]]})")
+    narrow = np.flatnonzero(k_ok & ~fov_ok)
+    if len(narrow):
+      i = narrow[0]
+      msgs.append(f"degenerate predicted camera in {len(narrow)} view(s): field of view "
+                  f"{fov_w[i]:.3g} x {fov_h[i]:.3g} degrees (fx {k[i, 0, 0]:.3g}, fy "
+                  f"{k[i, 1, 1]:.3g} at {w}x{h}) in {pred.names[i]}, outside "
+                  f"[{MIN_FOV_DEG:g}, {MAX_FOV_DEG:g}]; the point cloud will be distorted")
+  if pred.tracks is not None and not np.isfinite(pred.tracks).all():
+    msgs.append(f"non-finite 3D tracks in {int((~np.isfinite(pred.tracks)).any(-1).sum())} "
+                "(frame, track) entries")
+  return msgs
+
+
+def _check_prediction(pred: Prediction, family: str) -> None:
+  s = len(pred.names)
+  if pred.depth.ndim != 3 or pred.depth.shape[0] != s:
+    raise ValueError(f"family {family!r} returned depth of shape {pred.depth.shape}; expected "
+                     f"({s}, h, w)")
+  h, w = pred.depth.shape[1:]
+  shapes = {"depth_conf": (s, h, w), "sky": (s, h, w), "images": (s, h, w, 3),
+            "world_points": (s, h, w, 3), "local_points": (s, h, w, 3),
+            "normals": (s, h, w, 3), "extrinsics": (s, 4, 4), "intrinsics": (s, 3, 3)}
+  for name, shape in shapes.items():
+    value = getattr(pred, name)
+    if value is not None and tuple(value.shape) != shape:
+      raise ValueError(f"family {family!r} returned {name} of shape {value.shape}; expected "
+                       f"{shape}")
+  if (pred.extrinsics is None) != (pred.intrinsics is None):
+    raise ValueError(f"family {family!r} returned only one of extrinsics and intrinsics")
+  if pred.tracks is not None:
+    if pred.tracks.ndim != 3 or pred.tracks.shape[0] != s or pred.tracks.shape[2] != 3:
+      raise ValueError(f"family {family!r} returned tracks of shape {pred.tracks.shape}; "
+                       f"expected ({s}, P, 3)")
+    if pred.track_visibility is None or pred.track_visibility.shape != pred.tracks.shape[:2]:
+      raise ValueError(f"family {family!r}: tracks need track_visibility of shape "
+                       f"{pred.tracks.shape[:2]}")
+
+
 def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
         extrinsics: np.ndarray | None = None, intrinsics: np.ndarray | None = None,
-        process_res: int = 504, process_res_method: str = "upper_bound_resize",
-        ref_view_strategy: str = "saddle_balanced", use_ray_pose: bool = False,
-        align_to_input_scale: bool = True, names: Sequence[str] | None = None,
-        mesh: jax.sharding.Mesh | None = None) -> Prediction:
-  """Predict depth, confidence, cameras and world points for the views of one scene.
+        names: Sequence[str] | None = None, mesh: jax.sharding.Mesh | None = None,
+        warn: bool = True, **options: Any) -> Prediction:
+  """Predict what the model's family predicts for the views of one scene or video.
 
   Args:
-    model: a DA3 model (``geojax.models.da3``), e.g. from :func:`geojax.predict.load_model`.
+    model: a geojax model of a registered family, e.g. from :func:`geojax.predict.load_model`.
     images: ``S`` uint8 RGB arrays ``(H, W, 3)`` or one ``(S, H, W, 3)`` array; file paths are
       read too.
     extrinsics, intrinsics: optional known world-to-camera ``(S, 4|3, 4)`` poses and pixel
-      ``(S, 3, 3)`` intrinsics of the original images (both or neither).
-    process_res, process_res_method: resolution and method of the official preprocessing.
-    ref_view_strategy: reference-view choice for S >= 3 views without poses.
-    use_ray_pose: cameras from the predicted ray map instead of the camera head.
-    align_to_input_scale: with known cameras, return them and rescale depth to their frame (as
-      the official API); False returns the predicted cameras.
+      ``(S, 3, 3)`` intrinsics of the original images (both or neither), for families that take
+      them.
     names: view names (for messages and :class:`Prediction`).
     mesh: run under this mesh; a mesh with a ``view`` axis shards the views across devices
-      (see :func:`geojax.parallel.sharding.make_view_mesh`).
+      where the family supports it (see :func:`geojax.parallel.sharding.make_view_mesh`).
+    warn: report degenerate outputs with :func:`warnings.warn` (they are always listed in
+      ``Prediction.warnings``).
+    **options: the family's inference options (``geojax predict --help`` lists them per
+      family), e.g. ``process_res=504``.
 
   Returns:
     a :class:`Prediction`.
@@ -170,51 +200,38 @@ def run(model: nnx.Module, images: Sequence[np.ndarray] | np.ndarray, *,
   if isinstance(images, np.ndarray) and images.ndim == 4:
     images = list(images)
   images = [load_rgb(x) if isinstance(x, str) else np.asarray(x) for x in images]
+  if not images:
+    raise ValueError("run: no images given")
+  for i, im in enumerate(images):
+    if im.ndim != 3 or im.shape[-1] != 3 or im.dtype != np.uint8:
+      raise ValueError(f"run: image {i} must be uint8 (H, W, 3) RGB; got {im.dtype} {im.shape}")
   if (extrinsics is None) != (intrinsics is None):
     raise ValueError("run: pass extrinsics and intrinsics together (or neither)")
   names = list(names) if names is not None else [f"view {i}" for i in range(len(images))]
+  if len(names) != len(images):
+    raise ValueError(f"run: {len(names)} names for {len(images)} images")
   if extrinsics is not None:
     extrinsics = np.asarray(extrinsics, np.float32)
     if extrinsics.shape not in ((len(images), 4, 4), (len(images), 3, 4)):
       raise ValueError(f"extrinsics must be ({len(images)}, 4, 4) world-to-camera; got "
                        f"{extrinsics.shape}")
-    extrinsics = _homogeneous(extrinsics)
+    extrinsics = homogeneous(extrinsics)
+    intrinsics = np.asarray(intrinsics, np.float32)
+    if intrinsics.shape != (len(images), 3, 3):
+      raise ValueError(f"intrinsics must be ({len(images)}, 3, 3) pixels; got "
+                       f"{intrinsics.shape}")
     if not (np.all(np.isfinite(extrinsics)) and np.all(np.isfinite(intrinsics))):
       raise ValueError("run: extrinsics and intrinsics must be finite")
-  proc = pp.preprocess(images, intrinsics, process_res=process_res, method=process_res_method,
-                       names=names)
-  cfg = getattr(model, "cfg", None)
-  has_cameras = bool(getattr(cfg, "cameras", True))
-  if extrinsics is not None and not has_cameras:
-    raise ValueError("this model takes no camera input (monocular/metric preset); drop the poses")
-  options = (("ref_view_strategy", ref_view_strategy), ("use_ray_pose", bool(use_ray_pose)))
-  x = proc.images[None]
-  ext = None if extrinsics is None else extrinsics[None]
-  k = None if proc.intrinsics is None else _shift_principal_point(proc.intrinsics, 0.5)[None]
-  if mesh is None:
-    x, ext, k = jax.tree.map(jnp.asarray, (x, ext, k))
-  else:  # views split over the mesh's "view" axis when it divides them, the rest replicated
-    n = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("view", 1)
-    spec = P(None, "view") if n > 1 and x.shape[1] % n == 0 else P()
-    x = jax.device_put(x, NamedSharding(mesh, spec))
-    ext, k = jax.device_put((ext, k), NamedSharding(mesh, P()))
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    fwd = _compiled(model, options, x, ext, k, mesh)  # once per shape, outside the timing
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fwd(x, ext, k))
-    seconds = time.perf_counter() - t0
-  out = jax.device_get(out)
-  depth = np.asarray(out["depth"][0], np.float32)
-  conf = np.asarray(out["depth_conf"][0], np.float32)
-  pred_ext = pred_k = None
-  if "extrinsics" in out:
-    pred_ext = _homogeneous(out["extrinsics"][0])
-    pred_k = _shift_principal_point(out["intrinsics"][0], -0.5)
-  if extrinsics is not None and align_to_input_scale:
-    depth = depth / _align_scale(pred_ext, extrinsics)
-    pred_ext, pred_k = extrinsics.copy(), proc.intrinsics.copy()
-  pts = world_points(depth, pred_k, pred_ext)
-  sky = np.asarray(out["sky"][0], np.float32) if "sky" in out else None
-  return Prediction(depth=depth, depth_conf=conf, extrinsics=pred_ext, intrinsics=pred_k,
-                    world_points=pts, images=proc.pixels, names=names, input_hw=proc.input_hw,
-                    sky=sky, seconds=seconds)
+  from geojax.models import registry
+  family = registry.family_of(model)
+  pred = family.predict(model, images, extrinsics=extrinsics, intrinsics=intrinsics,
+                        names=names, mesh=mesh, **options)
+  _check_prediction(pred, family.name)
+  if pred.world_points is None:
+    pred.world_points = world_points(pred.depth, pred.intrinsics, pred.extrinsics)
+    pred.points_from_depth = True
+  pred.warnings = degenerate_outputs(pred)
+  if warn:
+    for msg in pred.warnings:
+      warnings.warn(msg, stacklevel=2)
+  return pred

@@ -8,7 +8,16 @@
 - ``depth/<stem>.npy`` (float32 z-depth) and ``depth/<stem>.png`` (16-bit, ``value *
   depth_png_unit`` = depth; the unit is 1 mm, the scene-folder convention, whenever the largest
   depth fits in 65.535, else ``max_depth / 65535``; recorded in ``cameras.json``);
-- ``confidence/<stem>.npy`` and ``confidence/<stem>.png`` (16-bit, unit ``conf_png_unit``);
+- ``confidence/<stem>.npy`` and ``confidence/<stem>.png`` (16-bit, unit ``conf_png_unit``), when
+  the model predicts confidence;
+- ``normals/<stem>.npy`` (float32 camera-frame unit normals, OpenCV axes) and
+  ``normals/<stem>.png`` (colour ``(n + 1) / 2``), when the model predicts normals;
+- ``point_map/<stem>.npy`` (float32 world point map) and ``point_map_local/<stem>.npy``
+  (camera-frame), when the model predicts point maps itself;
+- ``sky/<stem>.npy`` (sky probability), when predicted;
+- ``tracks.npz`` (``tracks`` (S, P, 3) world points, ``visibility`` (S, P), ``queries`` (P, 3)
+  ``(t, u, v)``, ``uv`` (S, P, 2) the tracks projected into each frame) and ``tracks.png``
+  (the tracks drawn over up to four frames), when the model predicts 3D tracks;
 - ``depth_vis/<stem>.png``: colourised depth (near is bright, shared range per scene);
 - ``points.ply``: binary PLY point cloud with colours, filtered like the official GLB export
   (adaptive confidence percentile, then at most ``max_points`` points);
@@ -16,13 +25,17 @@
 - ``colmap/``: ``cameras.txt``, ``images.txt``, ``points3D.txt`` (PINHOLE cameras; 3D points
   lifted from confident depth with tracks across views);
 - ``preview.png``: an offscreen rendering of the point cloud with the cameras;
-- ``index.html``: one page with thumbnails, depth maps, the preview and links to every file.
+- ``index.html``: one page with an interactive 3D viewer of the point cloud and cameras
+  (offline WebGL, :mod:`geojax.io.viewer`), thumbnails, depth (and normal) maps, the preview,
+  any warnings about degenerate outputs and links to every file.
 
 ``cameras.json`` is the scene-folder file (frames with ``name``, ``width``, ``height``, ``fx``,
 ``fy``, ``cx``, ``cy``, world-to-camera ``extrinsics``; geojax pixel centres) plus ``model``,
 ``depth_png_unit``, ``conf_png_unit``, ``cameras`` (``predicted``, ``given`` or ``assumed`` for
 monocular models, which get identity poses and a 60-degree field of view) and per-frame
-``source`` (the input file name) and ``input_width``/``input_height``.
+``source`` (the input file name) and ``input_width``/``input_height``, plus ``metric_scale`` when
+the model predicts one and ``warnings`` (degenerate outputs reported by
+:func:`geojax.predict.run`).
 
 A scene is assembled in a hidden temporary folder next to its destination and renamed into place
 when complete.
@@ -43,8 +56,10 @@ import numpy as np
 from PIL import Image
 
 from geojax.data.formats import colmap, scene_folder
-from geojax.io import pointcloud, render, visualize
+from geojax.io import pointcloud, render, viewer, visualize
 from geojax.predict.core import Prediction, assumed_intrinsics
+
+VIEWER_MAX_POINTS = 150_000  # points embedded in index.html
 
 PNG16_MAX = 65535
 COLMAP_MAX_POINTS = 100_000  # points3D.txt stays small and quick to build for long sequences
@@ -86,8 +101,8 @@ def _cameras(pred: Prediction) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
-                     conf_percentile: float = pointcloud.DA3_CONF_PERCENTILE,
-                     max_points: int | None = pointcloud.DA3_MAX_POINTS, glb: bool = False,
+                     conf_percentile: float = pointcloud.DEFAULT_CONF_PERCENTILE,
+                     max_points: int | None = pointcloud.DEFAULT_MAX_POINTS, glb: bool = False,
                      colmap_points_per_view: int = 2000, preview_size: tuple[int, int] = (480, 640),
                      camera_source: str = "predicted", info: dict[str, Any] | None = None,
                      seed: int = 0) -> dict[str, Any]:
@@ -111,16 +126,27 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
     scene = {"images": pred.images, "intrinsics": ks, "extrinsics": ext, "depth": pred.depth}
     scene_folder.write_scene(scene, root, names=[f"{t}.png" for t in stems])
     depth_unit = _unit(pred.depth, 1e-3)
-    conf_unit = _unit(pred.depth_conf, 1e-3)
-    for sub in ("confidence", "depth_vis"):
+    conf = pred.depth_conf
+    conf_unit = _unit(conf, 1e-3) if conf is not None else None
+    maps = {"confidence": conf, "normals": pred.normals, "point_map": None if pred.points_from_depth else pred.world_points,
+            "point_map_local": pred.local_points, "sky": pred.sky}
+    for sub in ["depth_vis"] + [k for k, v in maps.items() if v is not None]:
       os.mkdir(os.path.join(root, sub))
     vis_range = visualize.depth_range(pred.depth)
     for i, t in enumerate(stems):
       _save16(os.path.join(root, "depth", t + ".png"), _png16(pred.depth[i], depth_unit))
-      np.save(os.path.join(root, "confidence", t + ".npy"), pred.depth_conf[i].astype(np.float32))
-      _save16(os.path.join(root, "confidence", t + ".png"), _png16(pred.depth_conf[i], conf_unit))
       Image.fromarray(visualize.colorize_depth(pred.depth[i], value_range=vis_range)).save(
           os.path.join(root, "depth_vis", t + ".png"))
+      for sub, value in maps.items():
+        if value is not None:
+          np.save(os.path.join(root, sub, t + ".npy"), np.asarray(value[i], np.float32))
+      if conf is not None:
+        _save16(os.path.join(root, "confidence", t + ".png"), _png16(conf[i], conf_unit))
+      if pred.normals is not None:
+        Image.fromarray(visualize.colorize_normals(pred.normals[i])).save(
+            os.path.join(root, "normals", t + ".png"))
+    if pred.tracks is not None:
+      _write_tracks(root, pred, ks, ext)
     # cameras.json: the scene-folder file plus prediction metadata.
     cam_path = os.path.join(root, scene_folder.CAMERAS_FILE)
     with open(cam_path, encoding="utf-8") as f:
@@ -128,7 +154,11 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
     for i, fr in enumerate(cams["frames"]):
       fr["source"] = pred.names[i]
       fr["input_height"], fr["input_width"] = (int(v) for v in pred.input_hw[i])
-    cams.update(cameras=camera_source, depth_png_unit=depth_unit, conf_png_unit=conf_unit,
+    cams.update(cameras=camera_source, depth_png_unit=depth_unit,
+                **({"conf_png_unit": conf_unit} if conf is not None else {}),
+                **({"metric_scale": float(pred.metric_scale)}
+                   if pred.metric_scale is not None else {}),
+                **({"warnings": list(pred.warnings)} if pred.warnings else {}),
                 **({"model": info} if info else {}))
     with open(cam_path, "w", encoding="utf-8") as f:
       json.dump(cams, f, indent=1)
@@ -136,7 +166,8 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
     valid = np.isfinite(pred.depth) & (pred.depth > 0)
     if pred.sky is not None:
       valid &= pred.sky < 0.3
-    xyz, rgb = pointcloud.filter_points(pred.world_points, pred.images, pred.depth_conf,
+    valid &= np.all(np.isfinite(pred.world_points), -1)
+    xyz, rgb = pointcloud.filter_points(pred.world_points, pred.images, conf,
                                         valid=valid, conf_percentile=conf_percentile,
                                         max_points=max_points, seed=seed)
     pointcloud.write_ply(os.path.join(root, "points.ply"), xyz, rgb)
@@ -144,7 +175,7 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
       pointcloud.write_glb(os.path.join(root, "points.glb"), xyz, rgb, extrinsics=ext,
                            intrinsics=ks, image_hw=(h, w))
     # COLMAP text model: confident pixels lifted and tracked across views.
-    conf_ok = _confident(pred.depth_conf, valid, conf_percentile)
+    conf_ok = valid if conf is None else _confident(conf, valid, conf_percentile)
     per_view = max(1, min(colmap_points_per_view, COLMAP_MAX_POINTS // s))
     model = colmap.model_from_scene(
         {"images": pred.images, "depth": np.where(conf_ok, pred.depth, 0.0), "intrinsics": ks,
@@ -157,8 +188,15 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
     Image.fromarray(preview).save(os.path.join(root, "preview.png"))
     summary = {"scene": os.path.basename(dst), "views": s, "height": h, "width": w,
                "points": int(len(xyz)), "colmap_points": len(model.points3D),
-               "cameras": camera_source, "seconds": round(float(pred.seconds), 4)}
-    _write_index(root, pred, stems, summary, glb=glb, info=info)
+               "cameras": camera_source, "outputs": list(pred.kinds()),
+               "seconds": round(float(pred.seconds), 4)}
+    if pred.tracks is not None:
+      summary["tracks"] = int(pred.tracks.shape[1])
+    if pred.warnings:
+      summary["warnings"] = list(pred.warnings)
+    view_html = viewer.viewer_html(xyz, rgb, extrinsics=ext, intrinsics=ks, image_hw=(h, w),
+                                   max_points=VIEWER_MAX_POINTS, seed=seed)
+    _write_index(root, pred, stems, summary, glb=glb, info=info, viewer_fragment=view_html)
     if os.path.lexists(dst):
       old = os.path.join(stage, "old")
       os.rename(dst, old)
@@ -166,6 +204,23 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
   finally:
     shutil.rmtree(stage, ignore_errors=True)
   return summary
+
+
+def _write_tracks(root: str, pred: Prediction, ks: np.ndarray, ext: np.ndarray) -> None:
+  """``tracks.npz`` and ``tracks.png`` (tracks projected with the exported cameras)."""
+  tracks = np.asarray(pred.tracks, np.float64)
+  vis = np.asarray(pred.track_visibility, np.float32)
+  cam = np.einsum("sij,spj->spi", ext[:, :3, :3], tracks) + ext[:, None, :3, 3]
+  z = cam[..., 2]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    uv = np.einsum("sij,spj->spi", ks[:, :2, :], cam / z[..., None])
+  uv = np.where((z > 0)[..., None], uv, np.nan).astype(np.float32)
+  queries = (np.asarray(pred.track_queries, np.float32) if pred.track_queries is not None
+             else np.full((tracks.shape[1], 3), np.nan, np.float32))
+  np.savez(os.path.join(root, "tracks.npz"), tracks=tracks.astype(np.float32), visibility=vis,
+           queries=queries, uv=uv)
+  Image.fromarray(visualize.draw_tracks(pred.images, uv, vis)).save(
+      os.path.join(root, "tracks.png"))
 
 
 def _confident(conf: np.ndarray, valid: np.ndarray, percentile: float) -> np.ndarray:
@@ -177,25 +232,43 @@ def _confident(conf: np.ndarray, valid: np.ndarray, percentile: float) -> np.nda
 
 
 def _write_index(root: str, pred: Prediction, stems: list[str], summary: dict[str, Any], *,
-                 glb: bool, info: dict[str, Any] | None) -> None:
+                 glb: bool, info: dict[str, Any] | None, viewer_fragment: str = "") -> None:
   esc = html.escape
+  normals = pred.normals is not None
   rows = []
   for i, t in enumerate(stems):
+    arrays = [f'<a href="depth/{t}.npy">npy</a> &middot; <a href="depth/{t}.png">png16</a>']
+    if pred.depth_conf is not None:
+      arrays.append(f'<a href="confidence/{t}.npy">conf npy</a> &middot; '
+                    f'<a href="confidence/{t}.png">conf png16</a>')
+    if normals:
+      arrays.append(f'<a href="normals/{t}.npy">normals npy</a>')
     rows.append(
         f'<tr><td>{esc(pred.names[i])}<br><small>{pred.input_hw[i][1]}x{pred.input_hw[i][0]}'
         f'</small></td><td><a href="images/{t}.png"><img src="images/{t}.png"></a></td>'
         f'<td><a href="depth_vis/{t}.png"><img src="depth_vis/{t}.png"></a></td>'
-        f'<td><a href="depth/{t}.npy">npy</a> &middot; <a href="depth/{t}.png">png16</a><br>'
-        f'<a href="confidence/{t}.npy">conf npy</a> &middot; '
-        f'<a href="confidence/{t}.png">conf png16</a></td></tr>')
+        + (f'<td><a href="normals/{t}.png"><img src="normals/{t}.png"></a></td>' if normals
+           else "") + f'<td>{"<br>".join(arrays)}</td></tr>')
   files = ['<a href="points.ply">points.ply</a>', '<a href="cameras.json">cameras.json</a>',
            '<a href="colmap/cameras.txt">colmap/cameras.txt</a>',
            '<a href="colmap/images.txt">colmap/images.txt</a>',
            '<a href="colmap/points3D.txt">colmap/points3D.txt</a>']
   if glb:
     files.insert(1, '<a href="points.glb">points.glb</a>')
+  tracks = ""
+  if pred.tracks is not None:
+    files.append('<a href="tracks.npz">tracks.npz</a>')
+    tracks = (f'<h2>3D tracks</h2><p>{pred.tracks.shape[1]} tracks over {pred.tracks.shape[0]} '
+              'frames, projected with the exported cameras.</p>'
+              '<p><a href="tracks.png"><img src="tracks.png" alt="tracks" style="max-width:100%">'
+              '</a></p>')
+  warn = ""
+  if pred.warnings:
+    warn = ('<div class="warn"><b>Warning:</b><ul>'
+            + "".join(f"<li>{esc(m)}</li>" for m in pred.warnings) + "</ul></div>")
   facts = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
                   for k, v in {**summary, **({"model": info} if info else {})}.items())
+  head = "<th>view</th><th>input</th><th>depth</th>" + ("<th>normals</th>" if normals else "")
   page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>geojax predict: {esc(summary['scene'])}</title>
 <style>
@@ -203,15 +276,20 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: 4px 8px; vertical-align: top; }}
 #views img {{ height: 160px; }} #views tr:nth-child(even) {{ background: #f4f4f4; }}
 th {{ text-align: left; }}
+.warn {{ background: #fff3cd; border: 1px solid #e0b000; padding: 4px 12px; margin: 1em 0; }}
 </style></head><body>
 <h1>{esc(summary['scene'])}</h1>
 <p>{summary['views']} views at {summary['width']}x{summary['height']} pixels;
 {summary['points']} points in the cloud; cameras {esc(summary['cameras'])}.</p>
+{warn}
 <h2>Point cloud and cameras</h2>
-<p><a href="preview.png"><img src="preview.png" alt="point cloud preview"></a></p>
+{viewer_fragment}
+<p>Still preview: <a href="preview.png"><img src="preview.png" alt="point cloud preview"
+style="height:120px;vertical-align:middle"></a></p>
 <p>Files: {' &middot; '.join(files)}</p>
+{tracks}
 <h2>Views</h2>
-<table id="views"><tr><th>view</th><th>input</th><th>depth</th><th>arrays</th></tr>
+<table id="views"><tr>{head}<th>arrays</th></tr>
 {chr(10).join(rows)}
 </table>
 <h2>Run</h2>

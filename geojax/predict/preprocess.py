@@ -1,4 +1,4 @@
-"""DA3 input preprocessing, equal to the official ``InputProcessor`` of ``depth-anything-3``.
+"""ViT input preprocessing (patch 14, ImageNet statistics), equal to the official ``InputProcessor`` of ``depth-anything-3``.
 
 For each image (uint8 RGB ``(H, W, 3)``):
 
@@ -194,7 +194,7 @@ def _process_one(img: np.ndarray, k: np.ndarray | None, process_res: int, method
 def preprocess(images: Sequence[np.ndarray], intrinsics: np.ndarray | None = None, *,
                process_res: int = 504, method: str = "upper_bound_resize",
                names: Sequence[str] | None = None) -> Processed:
-  """Prepare the views of one scene for DA3, as the official input processor does.
+  """Prepare the views of one scene for the network, as the official input processor does.
 
   Args:
     images: ``S`` uint8 RGB arrays ``(H_i, W_i, 3)`` (sizes may differ; see the module).

@@ -3,9 +3,9 @@
 ``load_model(weights)`` accepts:
 
 - an **official checkpoint directory**, laid out as the released hub checkpoints are:
-  ``model.safetensors`` plus ``config.json`` whose ``model_name`` names the preset (e.g.
-  ``"da3-large"``); ``preset`` (``--model``) names it when ``config.json`` does not, otherwise it
-  is inferred from the tensor shapes;
+  ``*.safetensors`` plus ``config.json``; each registered family says whether the weights are
+  its own and which preset they are (``Family.identify_official``); ``preset`` (``--model``)
+  names it when the files do not;
 - a single official ``.safetensors`` file;
 - a **geojax model checkpoint** (an Orbax directory with ``model/`` and ``state/``, written by
   ``train.py`` as ``<workdir>/model`` or by :func:`geojax.io.checkpoint.save_model`), or a
@@ -33,26 +33,32 @@ def load_model(weights: str, *, preset: str | None = None,
                overrides: dict[str, Any] | None = None) -> tuple[nnx.Module, dict[str, Any]]:
   """``(model, info)`` for a weights path (see the module docstring); ``info`` describes it.
 
-  ``overrides`` are runtime fields of the DA3 config (``dtype`` as a string such as
+  ``preset`` names the model when the weights do not (any registered family's preset);
+  ``overrides`` are runtime fields of the family's config (``dtype`` as a string such as
   ``"bfloat16"``, ``attn_impl``, ``head_chunk``).
 
   Raises:
-    FileNotFoundError for a missing path; ValueError for a path that is no checkpoint, or a
-    ``preset`` that contradicts a geojax checkpoint.
+    FileNotFoundError for a missing path; ValueError for a path that is no checkpoint, weights
+    no registered family recognises, or a ``preset`` that contradicts a geojax checkpoint.
   """
-  from geojax.models import da3, registry
+  from geojax.models import registry
   path = os.path.abspath(os.fspath(weights))
   overrides = dict(overrides or {})
   if not os.path.exists(path):
     raise FileNotFoundError(f"--weights {weights}: no such file or directory")
-  if preset is not None and preset not in da3.PRESET_NAMES:
-    raise ValueError(f"--model {preset!r} is not a DA3 preset; expected one of {da3.PRESET_NAMES}")
+  family = None
+  if preset is not None:
+    try:
+      family = registry.family_for_preset(preset)
+    except ValueError as e:
+      raise ValueError(f"--model {preset!r}: {e}") from None
   if os.path.isdir(path) and not _is_geojax_checkpoint(path) and _is_geojax_checkpoint(
       os.path.join(path, "model")):
     path = os.path.join(path, "model")  # a training workdir
   if os.path.isdir(path) and _is_geojax_checkpoint(path):
-    model, _, config = registry.load_checkpoint(path, family="da3", what="--weights",
-                                                overrides=overrides)
+    model, _, config = registry.load_checkpoint(
+        path, family=None if family is None else family.name, what="--weights",
+        overrides=overrides)
     if preset is not None and config.get("preset") != preset:
       raise ValueError(f"--weights {weights} holds a {config.get('preset')!r} model but --model "
                        f"says {preset!r}")
@@ -63,31 +69,44 @@ def load_model(weights: str, *, preset: str | None = None,
   if not has_st:
     raise ValueError(f"--weights {weights}: not a checkpoint (expected an official directory with "
                      f"model.safetensors and config.json, a .safetensors file, or a geojax "
-                     f"checkpoint with model/ and state/)")
-  from geojax.convert.da3 import load_official
-  if preset is None and is_dir and os.path.isfile(os.path.join(path, "config.json")):
-    try:
-      with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise ValueError(f"{os.path.join(path, 'config.json')}: cannot parse JSON: {e}") from e
-    name = cfg.get("model_name") if isinstance(cfg, dict) else None
-    if isinstance(name, str) and name in da3.PRESET_NAMES:
-      preset = name
-  if isinstance(overrides.get("dtype"), str):
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  model = load_official(path, preset, **overrides)
-  return model, {"weights": path, "format": "official",
-                 "preset": preset or _preset_of(model)}
+                     f"checkpoint with model/ and state/); convert official .pth/.pt/.bin files "
+                     f"once with `geojax convert`")
+  candidates = [family] if family is not None else [
+      f for f in registry.families().values() if f.load_official is not None]
+  for fam in candidates:
+    found = fam.identify_official(path) if fam.identify_official else None
+    if found is None and family is None:
+      continue
+    preset = preset or found or None
+    if isinstance(overrides.get("dtype"), str):
+      overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    model = fam.load_official(path, {"preset": preset or "", "overrides": overrides})
+    return model, {"weights": path, "format": "official",
+                   "preset": preset or _preset_of(fam, model)}
+  raise ValueError(f"--weights {weights}: no registered model family ({', '.join(sorted(registry.families()))}) "
+                   f"recognises these weights; name the preset with --model")
 
 
-def _preset_of(model: nnx.Module) -> str | None:
-  from geojax.models import da3
+def _preset_of(family, model: nnx.Module) -> str | None:
+  """The preset whose config equals ``model.cfg`` (runtime fields aside), if any."""
   cfg = getattr(model, "cfg", None)
-  for name, p in da3.PRESETS.items():
-    if cfg is not None and (p.vit, p.head, p.alt_start) == (cfg.vit, cfg.head, cfg.alt_start):
+  for name in family.presets:
+    try:
+      ref = nnx.eval_shape(lambda: family.build({"preset": name}, nnx.Rngs(0)))
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if _same_architecture(getattr(ref, "cfg", None), cfg):
       return name
   return None
+
+
+def _same_architecture(a, b) -> bool:
+  import dataclasses
+  if a is None or b is None or type(a) is not type(b):
+    return False
+  runtime = {"attn_impl", "dtype", "scan", "remat", "head_chunk"}
+  return all(getattr(a, f.name) == getattr(b, f.name)
+             for f in dataclasses.fields(a) if f.name not in runtime)
 
 
 def hub_snapshot(repo_id: str) -> str:

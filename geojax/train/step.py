@@ -3,7 +3,7 @@
 The model is split once into a static ``graphdef``, its parameters (``nnx.Param``) and the rest
 of its variables; the train state holds only arrays, so it can be donated, sharded and
 checkpointed with Orbax. ``loss_fn(model, batch, rng) -> (loss, aux)`` is family-specific
-(e.g. :func:`geojax.losses.da3.da3_loss` around a DA3 forward).
+(a family's objective around its forward, see :mod:`geojax.train.tasks`).
 
 Non-finite guard: when the loss or the global gradient norm is not finite, the update is
 skipped (parameters, optimizer state and EMA keep their values), ``skipped`` and
@@ -68,7 +68,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
 
   def step(state: TrainState, batch, rng):
-    if isinstance(batch, dict):  # schedules inside the loss (e.g. DA3's teacher switch)
+    if isinstance(batch, dict):  # schedules inside the loss (e.g. a teacher switch)
       batch = dict(batch, train_step=state.step)
 
     def objective(params):

@@ -1,7 +1,7 @@
 r"""Expand a config's ``sweep(add)`` into training runs.
 
-    python -m geojax.train.sweep --config=configs/da3.py:runlocal --workdir=runs/sweep
-    python -m geojax.train.sweep --config=configs/da3.py:runlocal --workdir=runs/sweep --run
+    python -m geojax.train.sweep --config=configs/<family>.py:runlocal --workdir=runs/sweep
+    python -m geojax.train.sweep --config=configs/<family>.py:runlocal --workdir=runs/sweep --run
 
 A config file may define ``sweep(add)``; each ``add(**overrides)`` call is one run, with keys
 that are dotted config paths (``add(**{"optim.lr": 1e-4})``). Without ``--run`` the launcher
@@ -27,7 +27,7 @@ from absl import app, flags
 def _define_flags() -> None:
   """Flags exist only when this module runs as a program (importing it defines none)."""
   flags.DEFINE_string("config", None, "Config file with a sweep(add) function, optionally with "
-                      "its argument: configs/da3.py:runlocal.")
+                      "its argument: configs/<family>.py:runlocal.")
   flags.DEFINE_string("workdir", None, "Root folder; each run gets a subfolder.")
   flags.DEFINE_bool("run", False, "Run the sweep here, sequentially (default: print).")
   flags.DEFINE_string("train_script", None, "train.py to launch (default: the repo's).")

@@ -67,8 +67,12 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
-def model_config(config) -> dict[str, Any]:
-  """The JSON-able family config stored with checkpoints (``registry.Family.build`` input)."""
+def model_config(config, family=None) -> dict[str, Any]:
+  """The JSON-able family config stored with checkpoints (``registry.Family.build`` input):
+  the family's own ``model_config`` if it has one, else ``{"preset", "overrides"}`` with the
+  runtime fields ``attn_impl``, ``remat``, ``scan`` and ``dtype``."""
+  if family is not None and family.model_config is not None:
+    return family.model_config(config.model)
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}; got {m.dtype!r}")
@@ -184,13 +188,18 @@ def evaluate_model(config, family, mconfig: dict, model: nnx.Module, out_dir: st
   from geojax.eval import evaluator
   e = config.eval
   groups, notes = evaluator.parse_groups(e.metrics, family.predicts(mconfig))
+  dynamic = bool(e.get("dynamic", False))
   scenes = ((f"scene_{i:04d}", render_scene(e.seed, i, num_views=e.num_views, height=e.height,
-                                            width=e.width)) for i in range(e.num_scenes))
+                                            width=e.width, dynamic=dynamic))
+            for i in range(e.num_scenes))
   options = dict(depth_align=e.depth_align, pose_thresholds=tuple(e.pose_thresholds),
                  pointcloud_threshold=e.pointcloud_threshold, pointcloud_max_points=100_000,
                  max_depth=0.0)
-  predict = family.predictor(model, dict(process_res=max(e.height, e.width),
-                                         ref_view_strategy=e.ref_view_strategy))
+  # The family's inference options, with the eval config's values where it sets them.
+  opts = {k: e[k] if k in e else v for k, v in family.eval_options.items()}
+  if "process_res" in opts:  # the eval scenes' own size
+    opts["process_res"] = max(e.height, e.width)
+  predict = family.get_predictor(model, opts)
   out_dir = evaluator.prepare_out_dir(out_dir, overwrite=True)
   rows = evaluator.run(predict, scenes, groups, options, out_dir, bool(e.pictures))
   mean = evaluator.aggregate(rows)
@@ -228,7 +237,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   family = registry.get_family(config.model.family)
-  mconfig = model_config(config)
+  mconfig = model_config(config, family)
   task = make_task(config)
   pcfg = pipeline_config(config)
   total = int(config.total_steps)

@@ -1,0 +1,114 @@
+"""``geojax convert``: official PyTorch checkpoints (pickles) -> safetensors, once.
+
+    geojax convert --family da3 model.pth OUT_DIR [--preset da3-large] [--overwrite]
+
+The library reads weights only from safetensors. Released checkpoints that ship as pickles
+(``.pth``, ``.pt``, ``.bin``, ``.ckpt``) are converted here, once, with
+``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors and plain containers
+only, no code execution), which needs ``torch`` installed. The state dict is taken from the file
+itself or its ``model`` / ``state_dict`` / ``module`` entry, passed through the family's
+``convert_state_dict`` hook (renames, dropped training-only tensors), written as
+``OUT_DIR/model.safetensors`` (+ ``config.json`` naming the preset) and then loaded back with the
+family's official loader, so a file that does not fit the family fails here and not later.
+Exit status 0 on success, 2 with a one-line message otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+PROG = "geojax convert"
+PICKLE_EXTS = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_pickled_state_dict(path: str) -> dict:
+  """Tensors of an official pickled checkpoint as float32/int NumPy arrays (weights_only)."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(f"{PROG} needs PyTorch to read {path}: pip install torch") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle errors have many types
+    raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                     f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+  for key in ("model", "state_dict", "module"):
+    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+      obj = obj[key]
+      break
+  if not isinstance(obj, dict) or not obj:
+    raise ValueError(f"{path}: holds no state dict (a mapping of names to tensors)")
+  out = {}
+  for k, v in obj.items():
+    if not isinstance(v, torch.Tensor):
+      continue
+    v = v.detach().cpu()
+    if v.is_floating_point():
+      v = v.float()
+    out[str(k)] = v.contiguous().numpy()
+  if not out:
+    raise ValueError(f"{path}: the state dict holds no tensors")
+  return out
+
+
+def convert(src: str, dst: str, family: str, *, preset: str | None = None,
+            overwrite: bool = False) -> str:
+  """Convert ``src`` into ``dst/model.safetensors`` and check that it loads; returns ``dst``."""
+  from safetensors.numpy import save_file
+
+  from geojax.models import registry
+  fam = registry.get_family(family)
+  if fam.load_official is None:
+    raise ValueError(f"family {family!r} has no official weights to convert")
+  if not os.path.isfile(src):
+    raise FileNotFoundError(f"{src}: no such file")
+  if not src.lower().endswith(PICKLE_EXTS):
+    raise ValueError(f"{src}: expected a pickled PyTorch checkpoint ({', '.join(PICKLE_EXTS)}); "
+                     "safetensors files need no conversion")
+  if preset is not None and preset not in fam.presets:
+    raise ValueError(f"--preset {preset!r} is not a {family} preset; expected one of "
+                     f"{fam.presets}")
+  target = os.path.join(dst, "model.safetensors")
+  if os.path.exists(target) and not overwrite:
+    raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+  sd = read_pickled_state_dict(src)
+  if fam.convert_state_dict is not None:
+    sd = fam.convert_state_dict(sd)
+  os.makedirs(dst, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=".convert-", dir=dst)
+  try:
+    save_file(sd, os.path.join(stage, "model.safetensors"))
+    if preset:
+      with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model_name": preset, "family": family}, f, indent=1)
+    fam.load_official(stage, {"preset": preset or ""})  # fails here if it does not fit
+    for name in sorted(os.listdir(stage)):
+      os.replace(os.path.join(stage, name), os.path.join(dst, name))
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1])
+  p.add_argument("src", help="official pickled checkpoint (.pth/.pt/.bin/.ckpt)")
+  p.add_argument("dst", help="output directory (model.safetensors, config.json)")
+  p.add_argument("--family", required=True, help="model family of the checkpoint")
+  p.add_argument("--preset", default=None, help="preset (default: inferred when loading)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
+  try:
+    a = p.parse_args(argv)
+    convert(a.src, a.dst, a.family, preset=a.preset, overwrite=a.overwrite)
+  except SystemExit as e:
+    return int(e.code or 0)
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  print(f"{PROG}: {a.src} -> {os.path.join(a.dst, 'model.safetensors')}")
+  return 0
