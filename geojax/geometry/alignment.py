@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geojax.nn.resize import legacy_nearest_index
+
 _HP = jax.lax.Precision.HIGHEST
 ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine")
 
@@ -532,23 +534,23 @@ def ransac_umeyama(src, dst, *, iterations: int = 10, seed: int = 42, with_scale
 # MoGe focal / shift recovery
 
 
-def normalized_view_plane_uv(width: int, height: int) -> np.ndarray:
-  """MoGe's ``(H, W, 2)`` pixel-centre UV: ``u`` spans ``±(W/diag)(W-1)/W``, ``v`` spans
-  ``±(H/diag)(H-1)/H`` with ``diag = sqrt(W^2 + H^2)``: focal is relative to half the diagonal."""
-  diag = math.hypot(width, height)
-  u = (2.0 * (np.arange(width) + 0.5) / width - 1.0) * (width / diag)
-  v = (2.0 * (np.arange(height) + 0.5) / height - 1.0) * (height / diag)
+def normalized_view_plane_uv(width: int, height: int,
+                             aspect_ratio: float | None = None) -> np.ndarray:
+  """MoGe's ``(H, W, 2)`` pixel-centre UV: ``u`` spans ``±(a/sqrt(1+a^2))(W-1)/W``, ``v`` spans
+  ``±(1/sqrt(1+a^2))(H-1)/H`` with ``a`` = ``aspect_ratio`` (default ``W/H`` of this grid, so
+  that focal is relative to half the diagonal). MoGe-2 heads pass the *image* aspect ratio for
+  every pyramid level."""
+  a = width / height if aspect_ratio is None else float(aspect_ratio)
+  span_u, span_v = a / math.sqrt(1 + a * a), 1 / math.sqrt(1 + a * a)
+  u = (2.0 * (np.arange(width) + 0.5) / width - 1.0) * span_u
+  v = (2.0 * (np.arange(height) + 0.5) / height - 1.0) * span_v
   uu, vv = np.meshgrid(u, v, indexing="xy")
   return np.stack([uu, vv], -1)
 
 
 def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
   """PyTorch ``interpolate(mode='nearest')`` source indices ``floor(i * in / out)`` (float32)."""
-  if size_in == size_out:
-    return np.arange(size_out)
-  scale = np.float32(size_in / size_out)
-  idx = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(idx, size_in - 1)
+  return legacy_nearest_index(size_in, size_out)
 
 
 def _focal_shift_single(pts, m, uv, focal, solve_focal: bool, iterations: int):

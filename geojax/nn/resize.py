@@ -6,6 +6,8 @@
 * :func:`resize_pos_embed_antialias` - the size-based antialiased bicubic of register models
   (Pi3/VGGT/DAGE/URGT), which ``jax.image.resize(..., antialias=True)`` matches.
 * :func:`resize_bilinear_align_corners` - the DPT upsampler.
+* :func:`resize_bilinear` - bilinear with ``align_corners=False``, with or without antialias.
+* :func:`legacy_nearest_index` - the source indices of torch's legacy ``"nearest"`` mode.
 
 Coordinates are computed on the host in float32 from static shapes, like torch does.
 """
@@ -101,3 +103,70 @@ def resize_bilinear_align_corners(x: jax.Array, out_hw: tuple[int, int]) -> jax.
   """``F.interpolate(x, size, mode="bilinear", align_corners=True)`` for NHWC ``x``."""
   x = _lerp_axis(x, x.ndim - 2, out_hw[1])
   return _lerp_axis(x, x.ndim - 3, out_hw[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _bilinear_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+  """(n_out, n_in) weights of torch's bilinear ``F.interpolate`` (``align_corners=False``)."""
+  m = np.zeros((n_out, n_in), np.float64)
+  scale = n_in / n_out
+  rows = np.arange(n_out)
+  if antialias and scale > 1.0:
+    # torch's separable antialiased filter (as Pillow): a triangle stretched by the downscale
+    # factor, sampled at input pixel centres, weights renormalised per output pixel; computed
+    # in float32 as torch does (float64 differs by up to 3e-6).
+    f32 = np.float32
+    s32 = f32(n_in) / f32(n_out)
+    inv = f32(1) / s32
+    for i in range(n_out):
+      center = s32 * (f32(i) + f32(0.5))
+      lo = max(int(center - s32 + f32(0.5)), 0)
+      hi = min(int(center + s32 + f32(0.5)), n_in)
+      j = np.arange(lo, hi).astype(f32)
+      w = np.maximum(f32(0), f32(1) - np.abs((j - center + f32(0.5)) * inv)).astype(f32)
+      m[i, lo:hi] = w / w.sum()
+    return m.astype(np.float32)
+  scale32 = np.float32(n_in) / np.float32(n_out)  # torch computes the coordinates in float32
+  dst = np.arange(n_out, dtype=np.float32)
+  src = np.maximum(scale32 * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = (src - i0).astype(np.float32)
+  np.add.at(m, (rows, i0), 1.0 - lam)
+  np.add.at(m, (rows, i1), lam)
+  return m.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, out_hw: tuple[int, int], *, antialias: bool = False
+                    ) -> jax.Array:
+  """``F.interpolate(x, out_hw, mode="bilinear", align_corners=False, antialias=...)`` for
+  channels-last ``(..., H, W, C)``; identity when the size already matches.
+
+  Separable: one small matrix per axis built on the host from static shapes, applied at
+  ``HIGHEST`` precision. ``antialias`` only changes downscaling (as in torch).
+  """
+  h, w = x.shape[-3], x.shape[-2]
+  if (h, w) == tuple(out_hw):
+    return x
+  hp = jax.lax.Precision.HIGHEST
+  ry = jnp.asarray(_bilinear_matrix(h, out_hw[0], antialias), x.dtype)
+  rx = jnp.asarray(_bilinear_matrix(w, out_hw[1], antialias), x.dtype)
+  x = jnp.einsum("yi,...ixc->...yxc", ry, x, precision=hp)
+  return jnp.einsum("xj,...yjc->...yxc", rx, x, precision=hp)
+
+
+def legacy_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+  """Source index of each output cell of PyTorch's legacy ``F.interpolate(mode="nearest")``.
+
+  ``src = floor(dst * (n_in / n_out))`` with the scale and the product in float32, clamped to
+  ``n_in - 1``, exactly as torch computes it (an exact 2x upscale is ``dst >> 1``). float32
+  rounding matters: 12 -> 74 maps 37 to 5, where exact arithmetic gives 6. (``jax.image.resize``
+  with ``"nearest"`` is the half-pixel "nearest-exact" rule and differs.)
+  """
+  if n_in <= 0 or n_out <= 0:
+    raise ValueError(f"sizes must be positive; got {n_in} -> {n_out}")
+  if n_out == 2 * n_in:
+    return np.arange(n_out, dtype=np.int64) >> 1
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, n_in - 1)

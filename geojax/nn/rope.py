@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geojax.nn import resize
+
 
 def grid_positions(h: int, w: int, offset: float = 0.0) -> np.ndarray:
   """``(h * w, 2)`` float32 positions ``(row, col) + offset`` in row-major order."""
@@ -63,3 +65,40 @@ def apply_rope_2d(x: jax.Array, pos: jax.Array, base: float = 100.0) -> jax.Arra
   pos = jnp.asarray(pos, jnp.float32)
   return jnp.concatenate([_rope_1d(xy, pos[..., 0], inv_freq),
                           _rope_1d(xx, pos[..., 1], inv_freq)], -1)
+
+
+def snapped_positions(src_hw: tuple[int, int], dst_hw: tuple[int, int],
+                      offset: float = 1.0) -> np.ndarray:
+  """``(H*W, 2)`` positions of a ``dst_hw`` grid snapped onto a coarser ``src_hw`` grid.
+
+  Each destination cell takes the ``(row, col)`` of the source cell it falls in (legacy
+  nearest, :func:`legacy_nearest_index`) plus ``offset``: DAGE's cross-attention queries (HR
+  tokens) get the positions of the LR tokens they lie in, so that RoPE compares like with like.
+  """
+  rows = resize.legacy_nearest_index(src_hw[0], dst_hw[0]).astype(np.float32)
+  cols = resize.legacy_nearest_index(src_hw[1], dst_hw[1]).astype(np.float32)
+  yy, xx = np.meshgrid(rows, cols, indexing="ij")
+  return np.stack([yy.reshape(-1), xx.reshape(-1)], -1) + np.float32(offset)
+
+
+def interpolation_scales(pos: np.ndarray, original_max: tuple[int, int] = (32, 32)
+                         ) -> np.ndarray:
+  """Per-axis position-interpolation factors of DAGE's ``RoPE2DInterpolated``.
+
+  For an axis whose largest position ``p`` has ``p + 1 > original_max``, positions are scaled
+  by ``original_max / (p + 1)`` (float32) so that they stay inside the trained range; other
+  axes keep scale 1.
+  """
+  pos = np.asarray(pos)
+  out = []
+  for axis, limit in enumerate(original_max):
+    n = int(pos[..., axis].max()) + 1
+    out.append(np.float32(limit / n) if n > limit else np.float32(1.0))
+  return np.array(out, np.float32)
+
+
+def interpolated_positions(pos: np.ndarray, original_max: tuple[int, int] = (32, 32)
+                           ) -> np.ndarray:
+  """Positions multiplied by :func:`interpolation_scales` in float32 (fractional)."""
+  pos = np.asarray(pos, np.float32)
+  return (pos * interpolation_scales(pos, original_max)).astype(np.float32)

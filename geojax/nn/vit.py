@@ -54,7 +54,7 @@ class BlockConfig:
   qk_norm: bool = False
   ln_eps: float = 1e-6
   layerscale: float | None = 1.0  # None: no LayerScale
-  attn_impl: str = "xla"
+  attn_impl: str = "xla"  # "xla" | "cudnn" | "chunked" (see geojax.nn.attention.attend)
   dtype: jnp.dtype | None = None
 
 
@@ -120,7 +120,8 @@ class DinoV2(nnx.Module):
                img_size: int = 518, ffn: str = "mlp", num_registers: int = 0,
                pos_resize: str = "scale_factor", block_eps: float = 1e-6,
                final_norm_eps: float = 1e-6, groups: tuple[tuple[int, bool], ...] | None = None,
-               attn_impl: str = "xla", scan: bool = True, remat: str | None = None, dtype=None):
+               attn_impl: str = "xla", scan: bool = True, remat: str | None = None,
+               mask_token: bool = False, dtype=None):
     if pos_resize not in ("scale_factor", "antialias"):
       raise ValueError(f"pos_resize must be 'scale_factor' or 'antialias'; got {pos_resize!r}")
     groups = groups or ((depth, False),)
@@ -137,6 +138,9 @@ class DinoV2(nnx.Module):
     self.pos_embed = nnx.Param(normal(rngs.params(), (1, 1 + self.grid * self.grid, dim)))
     self.register_tokens = (nnx.Param(normal(rngs.params(), (1, num_registers, dim)))
                             if num_registers else None)
+    # DINOv2's masked-image-modelling token: never used at inference, kept (when the official
+    # checkpoint has it) so that parameter counts and round trips match.
+    self.mask_token = nnx.Param(jnp.zeros((1, dim), jnp.float32)) if mask_token else None
     stacks, starts, s = [], [], 0
     for n, qk in groups:
       cfg = BlockConfig(dim=dim, num_heads=num_heads, ffn=ffn, qk_norm=qk, ln_eps=block_eps,
@@ -155,6 +159,24 @@ class DinoV2(nnx.Module):
       if i >= start:
         return stack, i - start
     raise IndexError(i)
+
+  def run_layers(self, x: jax.Array, start: int, stop: int) -> jax.Array:
+    """Apply blocks ``start .. stop-1`` (across layer groups) to tokens ``x``."""
+    for stack, s0 in zip(self.stacks, self.stack_starts):
+      a, b = max(start, s0), min(stop, s0 + stack.depth)
+      if a < b:
+        x = stack.run(x, lambda h, blk: blk(h), a - s0, b - s0)
+    return x
+
+  def intermediate_layers(self, images: jax.Array, taps) -> list[jax.Array]:
+    """Tokens after each block in ``taps`` (sorted), each through the final norm:
+    ``[(N, 1 + R + h*w, C)]`` (DINOv2 ``get_intermediate_layers(norm=True)``)."""
+    x, prev, out = self.tokens(images), 0, []
+    for t in taps:
+      x = self.run_layers(x, prev, t + 1)
+      prev = t + 1
+      out.append(self.norm(x))
+    return out
 
   def interpolated_pos_embed(self, h: int, w: int) -> jax.Array:
     """``(1, 1 + h*w, C)`` position embedding for an ``h x w`` patch grid (cls row first)."""
