@@ -6,9 +6,10 @@ The library reads weights only from safetensors. Released checkpoints that ship 
 (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) are converted here, once, with
 ``torch.load(weights_only=True)`` (PyTorch's restricted unpickler: tensors and plain containers
 only, no code execution), which needs ``torch`` installed. The state dict is taken from the file
-itself or its ``model`` / ``state_dict`` / ``module`` entry, passed through the family's
-``convert_state_dict`` hook (renames, dropped training-only tensors), written as
-``OUT_DIR/model.safetensors`` (+ ``config.json`` naming the preset) and then loaded back with the
+itself or its ``model`` / ``state_dict`` / ``module`` entry, or, for a family with a
+``convert_state_dict`` hook, taken by that hook from the whole checkpoint (which may also return
+a config for ``config.json``), written as ``OUT_DIR/model.safetensors`` (+ ``config.json``
+naming the preset) and then loaded back with the
 family's official loader, so a file that does not fit the family fails here and not later.
 Exit status 0 on success, 2 with a one-line message otherwise.
 """
@@ -26,8 +27,20 @@ PROG = "geojax convert"
 PICKLE_EXTS = (".pth", ".pt", ".bin", ".ckpt")
 
 
-def read_pickled_state_dict(path: str) -> dict:
-  """Tensors of an official pickled checkpoint as float32/int NumPy arrays (weights_only)."""
+def _to_numpy(obj, torch):
+  """Tensors -> float32/int NumPy arrays, recursively through dicts and lists."""
+  if isinstance(obj, torch.Tensor):
+    v = obj.detach().cpu()
+    return (v.float() if v.is_floating_point() else v).contiguous().numpy()
+  if isinstance(obj, dict):
+    return {str(k): _to_numpy(v, torch) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(_to_numpy(v, torch) for v in obj)
+  return obj
+
+
+def read_pickled_checkpoint(path: str):
+  """The whole official pickled checkpoint (``weights_only``), tensors as NumPy arrays."""
   try:
     import torch
   except ImportError as e:
@@ -37,23 +50,27 @@ def read_pickled_state_dict(path: str) -> dict:
   except Exception as e:  # pickle errors have many types
     raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) "
                      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+  return _to_numpy(obj, torch)
+
+
+def state_dict_of(obj, path: str) -> dict:
+  """The tensors of a checkpoint: the file itself or its ``model`` / ``state_dict`` /
+  ``module`` entry."""
   for key in ("model", "state_dict", "module"):
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
       obj = obj[key]
       break
   if not isinstance(obj, dict) or not obj:
     raise ValueError(f"{path}: holds no state dict (a mapping of names to tensors)")
-  out = {}
-  for k, v in obj.items():
-    if not isinstance(v, torch.Tensor):
-      continue
-    v = v.detach().cpu()
-    if v.is_floating_point():
-      v = v.float()
-    out[str(k)] = v.contiguous().numpy()
+  out = {k: v for k, v in obj.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
   if not out:
     raise ValueError(f"{path}: the state dict holds no tensors")
   return out
+
+
+def read_pickled_state_dict(path: str) -> dict:
+  """Tensors of an official pickled checkpoint as float32/int NumPy arrays (weights_only)."""
+  return state_dict_of(read_pickled_checkpoint(path), path)
 
 
 def convert(src: str, dst: str, family: str, *, preset: str | None = None,
@@ -76,16 +93,22 @@ def convert(src: str, dst: str, family: str, *, preset: str | None = None,
   target = os.path.join(dst, "model.safetensors")
   if os.path.exists(target) and not overwrite:
     raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-  sd = read_pickled_state_dict(src)
-  if fam.convert_state_dict is not None:
-    sd = fam.convert_state_dict(sd)
+  obj = read_pickled_checkpoint(src)
+  config = None
+  if fam.convert_state_dict is not None:  # the whole checkpoint -> tensors [, config]
+    sd = fam.convert_state_dict(obj)
+    if isinstance(sd, tuple):
+      sd, config = sd
+  else:
+    sd = state_dict_of(obj, src)
   os.makedirs(dst, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=".convert-", dir=dst)
   try:
     save_file(sd, os.path.join(stage, "model.safetensors"))
-    if preset:
+    if preset or config:
       with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model_name": preset, "family": family}, f, indent=1)
+        json.dump({**(config or {}), **({"model_name": preset} if preset else {}),
+                   "family": family}, f, indent=1)
     fam.load_official(stage, {"preset": preset or ""})  # fails here if it does not fit
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(dst, name))

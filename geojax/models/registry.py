@@ -14,9 +14,10 @@ What a family provides (only ``name``, ``build`` and ``predict`` are required):
   (``{"preset": ..., "overrides": {...}}``);
 - ``load_official(path, config)``: official weights from safetensors (a file or a directory);
   ``identify_official(path)`` tells whether a path holds this family's official weights (and
-  which preset); ``convert_state_dict(state_dict)`` is the hook of ``geojax convert`` that turns
-  an official (pickled, loaded with ``torch.load(weights_only=True)``) state dict into the
-  tensors the safetensors file stores;
+  which preset); ``convert_state_dict(checkpoint)`` is the hook of ``geojax convert`` that turns
+  a whole official checkpoint (pickled, loaded with ``torch.load(weights_only=True)``, tensors as
+  NumPy arrays) into the tensors the safetensors file stores, or ``(tensors, config)`` with a
+  JSON-able config written next to them as ``config.json``;
 - ``predict(model, images, *, extrinsics, intrinsics, names, mesh, **options)``: one scene or
   video (uint8 ``(H, W, 3)`` views) -> :class:`geojax.predict.Prediction`; ``predict_args``
   declares the family's ``geojax predict`` options;
@@ -89,7 +90,7 @@ class Family:
   presets: tuple[str, ...] = ()
   model_types: tuple[type, ...] = ()
   identify_official: Callable[[str], str | None] | None = None
-  convert_state_dict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+  convert_state_dict: Callable[[Any], Any] | None = None
   predict_args: tuple[PredictArg, ...] = ()
   make_task: Callable[[Any], Any] | None = None
   model_config: Callable[[Any], dict[str, Any]] | None = None
