@@ -9,8 +9,8 @@ compiled, run once, then timed over ``--reps`` runs (median). Memory:
 * CPU: the compiled program's own figures (``memory_analysis``: temporaries + arguments +
   outputs, per device), which is what the program needs; host allocators report no peak.
 
-The ``temp MiB`` column is the compiled temporaries alone (activations, plus the copies XLA
-makes of layer-stack weight slices, about the model's size). ``compile s`` is a real compile:
+The ``temp MiB`` column is the compiled temporaries alone (activations and one layer's weights
+at a time). ``compile s`` is a real compile:
 the persistent compilation cache serves only the model's creation.
 
 With ``--view-devices n > 1`` the forward runs view-parallel under
