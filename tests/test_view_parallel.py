@@ -160,8 +160,8 @@ def _view_parallel_report() -> dict:
   replicated = jax.device_put(state, NamedSharding(mesh, P()))
   # (B, S, (H, W), head_chunk): B*S = 24 views in chunks of 16 (padded to 32, two steps); 16
   # views at 168 x 168 in chunks of 8. The memory is compared at the latter size: at 28 x 42
-  # the temporaries are mostly the copies XLA makes of each layer stack's weight slices
-  # (~23 MiB, the model's size, on every device), which no activation sharding divides.
+  # the temporaries are mostly what no activation sharding divides (one layer's weights,
+  # gathered keys and values).
   for b, s, hw, chunk in ((3, 8, (28, 42), 16), (1, 16, (168, 168), 8)):
     chunked = tiny_graphdef(head_chunk=chunk)
     x = jax.random.normal(jax.random.key(s), (b, s, *hw, 3))
