@@ -104,10 +104,15 @@ def evaluate(cfg) -> dict:
   has_depth = cfg.data.source != "colmap"  # COLMAP sparse models carry cameras, no dense depth
   options = dict(depth_align=cfg.depth_align, pose_thresholds=tuple(cfg.pose_thresholds),
                  pointcloud_threshold=cfg.pointcloud_threshold,
-                 pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth)
+                 pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth,
+                 pointmap_align=cfg.get("pointmap_align", "scale"))
+  from geojax.eval.metrics import POINTMAP_ALIGN_MODES
   from geojax.geometry.alignment import ALIGN_MODES
   if cfg.depth_align not in ALIGN_MODES:
     raise ValueError(f"depth_align {cfg.depth_align!r} is not one of {', '.join(ALIGN_MODES)}")
+  if options["pointmap_align"] not in POINTMAP_ALIGN_MODES:
+    raise ValueError(f"pointmap_align {options['pointmap_align']!r} is not one of "
+                     f"{', '.join(POINTMAP_ALIGN_MODES)}")
   from geojax.models import registry
   family = registry.get_family(cfg.model.family)
   if not cfg.model.checkpoint:  # checkpoints carry their own config; checked after loading

@@ -2,29 +2,37 @@ r"""DAGE training config: ``python train.py --config=configs/dage.py:ARG --workd
 
 ``ARG`` is a comma-separated list (big_vision style), e.g. ``stage=2`` or ``runlocal``:
 
-- ``stage``: ``2`` (default; the official second stage: all DAGE losses, lr 1e-5, 10k steps) or
-  ``3`` (confidence head: confidence BCE, lr 1e-5, 10k steps). Stage 1 (distillation from a Pi3
-  teacher at twice the LR resolution) needs geojax's Pi3, which is not built yet.
+- ``stage``: ``1`` (distillation from a frozen Pi3 teacher run inside the step at twice the
+  student's LR resolution, plus the stage-2 terms: lr 1e-4, 40k steps; set
+  ``teacher.weights``), ``2`` (default; the official second stage: all DAGE losses, lr 1e-5,
+  10k steps) or ``3`` (confidence head: confidence BCE, lr 1e-5, 10k steps).
 - ``preset``: ``dage`` (the released configuration, default) or ``dage-tiny`` (geojax-only).
 - ``data``: ``synthetic`` (built-in procedural scenes, default), ``folder`` or ``tfds`` (as in
   ``configs/da3.py``).
 - ``runlocal``: a small run for a CPU laptop or CI (``make demo-dage``): ``dage-tiny`` at 84x126,
-  3 frames, batch 2, stage-2 losses, evaluation before and after on 4 held-out scenes.
+  3 frames, batch 2, stage-2 losses, evaluation before and after on 4 held-out scenes (with
+  ``stage=1`` the teacher is a random ``pi3-tiny`` unless ``teacher.*`` is set: a smoke run).
 
 Fields beyond ``configs/da3.py``'s (see its docstring for the shared ones):
 
-  stage: 2 or 3 (above).
+  stage: 1, 2 or 3 (above).
   model.lr_max_size: longest side of the LR stream during training (official 518 at training
     resolutions; the eval/predict default is 252).
   model.hr_num_tokens: HR token budget during training (official 3600).
   init.weights: official DAGE weights (directory or .safetensors) to fine-tune from;
-    init.checkpoint: a geojax DAGE checkpoint.
+    init.checkpoint: a geojax DAGE checkpoint; init.moge2 + init.pi3: the official stage-1
+    initialisation, merged from MoGe-2 (``Ruicheng/moge-2-vitl``'s model.pt converted once with
+    ``geojax convert --family dage --tensors-only``) and Pi3 (``yyfz233/Pi3``'s model.safetensors).
+  teacher.weights / teacher.checkpoint: stage 1's Pi3 teacher (official safetensors or a geojax
+    Pi3 checkpoint); teacher.preset: its preset when neither is set (only ``pi3-tiny``, random:
+    smoke runs); teacher.max_size: its longest side (672, a multiple of 28; the student's LR
+    stream runs at exactly half).
   optim: the official recipe: AdamW (b2 0.95, wd 0.05), cosine with 1000 warm-up steps to
     1e-3 of the peak, clipping 1.0; both ViT encoders frozen; the Pi3-initialised parts (LR
     decoder, registers, camera decoder and head, token splitter) at 0.1x the learning rate;
     biases and 1-D parameters without weight decay (``geojax.train.optim``).
-  loss: keyword arguments of the stage's loss (``geojax.losses.dage.pi3_loss`` /
-    ``conf_loss``), e.g. ``edge_weight``, ``camera_weight``, ``metric_scale_weight``.
+  loss: keyword arguments of the stage's loss (``geojax.losses.dage.distill_loss`` /
+    ``pi3_loss`` / ``conf_loss``), e.g. ``edge_weight``, ``camera_weight``, ``metric_scale_weight``.
   eval.lr_max_size, eval.hr_num_tokens, eval.chunk: inference options of the evaluation.
 """
 
@@ -36,7 +44,7 @@ from geojax.train.optim import default_optim_config
 
 PRESETS = ("dage", "dage-tiny")
 SOURCES = ("synthetic", "folder", "tfds")
-STAGES = (2, 3)
+STAGES = (1, 2, 3)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,8 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.data not in SOURCES:
     raise ValueError(f"data={arg.data!r}: expected one of {SOURCES}")
   if int(arg.stage) not in STAGES:
-    raise ValueError(f"stage={arg.stage}: expected one of {STAGES} (stage 1 distils from a Pi3 "
-                     "teacher, not built yet)")
+    raise ValueError(f"stage={arg.stage}: expected one of {STAGES}")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = int(arg.stage)
@@ -58,7 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       family="dage", preset=arg.preset, attn_impl="xla", dtype="bfloat16", remat="none",
       scan=True, lr_max_size=518, hr_num_tokens=3600))
-  c.init = ml_collections.ConfigDict(dict(weights="", checkpoint=""))
+  c.init = ml_collections.ConfigDict(dict(weights="", checkpoint="", moge2="", pi3=""))
+  c.teacher = ml_collections.ConfigDict(dict(weights="", checkpoint="", preset="pi3",
+                                             max_size=672, seed=0))
 
   c.data = ml_collections.ConfigDict(dict(
       source=arg.data, path="", seed=0, num_scenes=10_000, num_views=6, height=518, width=518))
@@ -81,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              r"token_splitter)(/|$)", 0.1),)
 
   c.loss = ml_collections.ConfigDict()
+  if c.stage == 1:
+    c.total_steps = 40_000
+    c.optim.lr = 1e-4
 
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1, 1), axes=("data", "fsdp", "tensor", "view"), rules=DEFAULT_RULES))
@@ -115,4 +127,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   width=126, pictures=True, lr_max_size=70, hr_num_tokens=54)
     c.checkpoint.update(every=100, keep_last=2)
     c.log_every = 25
+    c.teacher.preset = "pi3-tiny"
   return c

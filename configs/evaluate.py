@@ -23,16 +23,19 @@ Fields:
     folders read; 0 = all). ``data.dynamic``: moving objects and ground-truth 3D tracks
     (needed by the ``track`` group).
   data.max_depth: ground-truth depth above this is ignored (0 = no limit).
-  metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``, ``normal``,
-    ``track``) or ``all``; groups that do not apply to the model's outputs are skipped (with a
-    note for the geometry groups), and ``normal`` / ``track`` need ground-truth normals / tracks
-    in the scenes.
+  metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``, ``pointmap``,
+    ``normal``, ``track``) or ``all``; groups that do not apply to the model's outputs are
+    skipped (with a note for the geometry groups), and ``normal`` / ``track`` need ground-truth
+    normals / tracks in the scenes.
   depth_align: alignment of predicted to GT depth per view before depth metrics:
     ``none``, ``median``, ``scale``, ``scale_shift`` or ``disparity_affine``.
   pose_thresholds: AUC thresholds in degrees.
   pointcloud_threshold: precision/recall distance in GT units (metres for synthetic scenes);
     predicted points are aligned to GT points by Umeyama Sim(3) over pixel correspondences.
   pointcloud_max_points: points per side after random subsampling (seeded).
+  pointmap_align: alignment of the predicted camera-frame point maps to the GT ones, one fit per
+    scene, before Rel^p / delta^p (``rel_p``, ``delta_p``): ``none``, ``scale`` or
+    ``scale_shift``.
   out_dir: output folder (``results.json``, ``scenes.csv``, ``pictures/``); an existing
     ``results.json`` is never replaced unless ``overwrite=True``.
   pictures: write one PNG per scene (views x [image, GT depth, predicted depth, AbsRel error]).
@@ -57,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pose_thresholds = (3, 5, 15, 30)
   c.pointcloud_threshold = 0.05
   c.pointcloud_max_points = 200_000
+  c.pointmap_align = "scale"
   c.out_dir = "outputs/eval"
   c.overwrite = False
   c.pictures = True

@@ -116,7 +116,7 @@ def test_geojax_convert_official_training_checkpoint(tmp_path, capsys):
 
 
 def test_evaluate_scores_dage(dage_checkpoint, tmp_path):
-  """evaluate.py on a DAGE checkpoint: depth, pose and point-cloud groups from its outputs."""
+  """evaluate.py on a DAGE checkpoint: depth, pose, point-cloud and point-map groups."""
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import evaluate
@@ -127,5 +127,5 @@ def test_evaluate_scores_dage(dage_checkpoint, tmp_path):
   cfg.data.update(num_scenes=1, num_views=3, height=42, width=70)
   cfg.out_dir = str(tmp_path / "eval")
   mean = evaluate.evaluate(cfg)["mean"]
-  for key in ("abs_rel", "delta1", "auc30", "overall"):
+  for key in ("abs_rel", "delta1", "auc30", "overall", "rel_p", "delta_p"):
     assert key in mean and np.isfinite(mean[key]), key

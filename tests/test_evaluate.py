@@ -46,9 +46,12 @@ def test_cli_writes_table_json_csv_pictures(tmp_path):
   r = run_cli("--config=configs/evaluate.py:da3-small", *SMALL, f"--config.out_dir={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "abs_rel" in r.stdout and "auc30" in r.stdout and "fscore" in r.stdout
+  assert "rel_p" in r.stdout
   res = json.loads((out / "results.json").read_text())
-  assert len(res["scenes"]) == 2 and res["groups"] == ["depth", "pose", "pointcloud"]
-  for k in ("abs_rel", "delta1", "auc03", "auc30", "ate", "accuracy", "fscore"):
+  assert len(res["scenes"]) == 2
+  assert res["groups"] == ["depth", "pose", "pointcloud", "pointmap"]
+  for k in ("abs_rel", "delta1", "auc03", "auc30", "ate", "accuracy", "fscore", "rel_p",
+            "delta_p"):
     assert np.isfinite(res["mean"][k]), k
   assert 0 <= res["mean"]["delta1"] <= 1 and 0 <= res["mean"]["auc30"] <= 1
   rows = list(csv.DictReader(open(out / "scenes.csv")))
@@ -104,7 +107,7 @@ def test_depth_only_model_skips_pose(tmp_path):
   """Groups a model cannot answer are skipped with a note, not faked."""
   from geojax.eval import evaluator
   groups, notes = evaluator.parse_groups("all", ("depth",))
-  assert groups == ("depth", "pointcloud") and "pose" in notes[0]
+  assert groups == ("depth", "pointcloud", "pointmap") and "pose" in notes[0]
   with pytest.raises(ValueError, match="unknown metric group"):
     evaluator.parse_groups("depth,chamfer", ("depth",))
 
@@ -137,3 +140,42 @@ def test_scene_folder_and_colmap_sources(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere"):
     evaluate.evaluate(small_config(tmp_path / "c", **{"data.source": "scene_folder",
                                                      "data.path": str(tmp_path / "nowhere")}))
+
+
+def test_pointmap_group():
+  """The pointmap group: GT / predicted camera-frame point maps, one alignment per scene."""
+  from geojax.data.synthetic import render_scene
+  from geojax.eval import evaluator
+  assert evaluator.parse_groups("pointmap", ("depth",)) == (("pointmap",), [])
+  groups, notes = evaluator.parse_groups("pointmap", ("depth",), has_depth=False)
+  assert groups == () and "pointmap" in notes[0] and "ground-truth depth" in notes[0]
+
+  scene = render_scene(0, 0, num_views=2, height=24, width=32)
+  mask = evaluator.valid_mask(scene, 0.0)
+  score = lambda pred, align="scale": evaluator.score_scene(
+      pred, scene, mask, ("pointmap",), {"pointmap_align": align})
+  # GT local points with integer pixel centres, computed here independently: X = z K^-1 [u, v, 1]
+  v, u = np.mgrid[:24, :32].astype(np.float64)
+  pix = np.stack([u, v, np.ones_like(u)], -1)
+  kinv = np.linalg.inv(scene["intrinsics"].astype(np.float64))
+  gt_local = np.einsum("sij,hwj->shwi", kinv, pix) * scene["depth"][..., None]
+  out = score({"local_points": gt_local}, "none")
+  assert set(out) == {"rel_p", "delta_p"}
+  assert out["rel_p"] == pytest.approx(0.0, abs=1e-6) and out["delta_p"] == 1.0
+  # depth-only prediction, un-projected with the GT intrinsics: a global scale is aligned away
+  out = score({"depth": 2.0 * scene["depth"]})
+  assert out["rel_p"] == pytest.approx(0.0, abs=1e-6) and out["delta_p"] == 1.0
+  assert score({"depth": 2.0 * scene["depth"]}, "none")["rel_p"] == pytest.approx(1.0, rel=1e-6)
+  # predicted intrinsics are used when the model has them (doubled focal: x, y halved)
+  k2 = scene["intrinsics"].copy()
+  k2[:, :2, :2] *= 2.0
+  assert score({"depth": scene["depth"], "intrinsics": k2}, "none")["rel_p"] > 0.05
+  with pytest.raises(ValueError, match="local_points"):
+    score({"local_points": gt_local[:, :12]})
+
+  # evaluator.run with a stand-in predictor: only the requested group is scored
+  # (test_cli_writes_table_json_csv_pictures covers "all" through evaluate.py with a model)
+  rows = evaluator.run(lambda images: {"depth": 3.0 * scene["depth"]}, [("s0", scene)],
+                       ("pointmap",), {"pointmap_align": "scale"}, None, False)
+  assert rows[0]["scene"] == "s0" and set(rows[0]) == {"scene", "rel_p", "delta_p"}
+  assert rows[0]["rel_p"] == pytest.approx(0.0, abs=1e-6)

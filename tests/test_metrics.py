@@ -121,6 +121,131 @@ def test_depth_errors():
 
 
 # ------------------------------------------------------------------------------------------------
+# Point maps
+# ------------------------------------------------------------------------------------------------
+
+
+def _gt_pointmap(shape=(2, 5, 6), seed=0):
+  """Camera-frame points ``shape + (3,)`` with z in [1, 5]."""
+  rng = np.random.default_rng(seed)
+  z = rng.uniform(1.0, 5.0, shape)
+  xy = rng.uniform(-1.0, 1.0, shape + (2,)) * z[..., None]
+  return np.concatenate([xy, z[..., None]], -1)
+
+
+def test_pointmap_scaled_prediction():
+  gt = _gt_pointmap()
+  out = M.pointmap_metrics(2.0 * gt, gt)  # default align="scale"
+  assert set(out) == {"rel_p", "delta_p"}
+  assert out["rel_p"] == pytest.approx(0.0, abs=1e-12) and out["delta_p"] == 1.0
+  assert M.pointmap_metrics(2.0 * gt, gt, align="scale_shift")["rel_p"] == pytest.approx(
+      0.0, abs=1e-12)
+  none = M.pointmap_metrics(2.0 * gt, gt, align="none")
+  assert none["rel_p"] == pytest.approx(1.0) and none["delta_p"] == 0.0
+  # one frame (H, W, 3) and JAX inputs work too
+  import jax.numpy as jnp
+  one = M.pointmap_metrics(jnp.asarray(3.0 * gt[0]), jnp.asarray(gt[0]))
+  assert one["rel_p"] == pytest.approx(0.0, abs=1e-6) and one["delta_p"] == 1.0
+
+
+def test_pointmap_hand_values():
+  gt = np.array([[[0.0, 0.0, 1.0], [0.0, 0.0, 2.0]]])  # (H, W, 3) = (1, 2, 3)
+  pred = np.array([[[0.1, 0.0, 1.0], [0.0, 0.0, 2.6]]])
+  out = M.pointmap_metrics(pred, gt, align="none")
+  assert out["rel_p"] == pytest.approx((0.1 / 1.0 + 0.6 / 2.0) / 2)  # errors 0.1 and 0.3
+  assert out["delta_p"] == 0.5  # only 0.1 < 0.25
+  assert M.pointmap_metrics(pred, gt, align="none", threshold=0.35)["delta_p"] == 1.0
+  # least-squares scale s = <p, g> / <p, p> = 6.2 / 7.77
+  s = 6.2 / 7.77
+  e = [np.hypot(0.1 * s, s - 1.0) / 1.0, abs(2.6 * s - 2.0) / 2.0]
+  out = M.pointmap_metrics(pred, gt, align="scale")
+  assert out["rel_p"] == pytest.approx(np.mean(e), rel=1e-12)
+  assert out["delta_p"] == np.mean(np.array(e) < 0.25) == 1.0
+
+
+def test_pointmap_shift_alignment():
+  gt = _gt_pointmap(seed=1)
+  shift = np.array([0.3, -0.2, 1.5])
+  pred = 0.5 * gt + shift  # gt = 2 (pred - shift): a scale and a 3-vector shift
+  out = M.pointmap_metrics(pred, gt, align="scale_shift")
+  assert out["rel_p"] == pytest.approx(0.0, abs=1e-12) and out["delta_p"] == 1.0
+  assert M.pointmap_metrics(pred, gt, align="scale")["rel_p"] > 0.05
+  # scale_shift on a perturbed map equals the closed-form fit
+  noisy = pred + np.random.default_rng(2).normal(0.0, 0.05, pred.shape)
+  p, g = noisy.reshape(-1, 3), gt.reshape(-1, 3)
+  a = np.concatenate([p.reshape(-1, 1), np.kron(np.ones((len(p), 1)), np.eye(3))], 1)
+  sol = np.linalg.lstsq(a, g.reshape(-1), rcond=None)[0]  # unknowns (s, tx, ty, tz)
+  err = np.linalg.norm(sol[0] * p + sol[1:] - g, axis=-1) / np.linalg.norm(g, axis=-1)
+  out = M.pointmap_metrics(noisy, gt, align="scale_shift")
+  assert out["rel_p"] == pytest.approx(err.mean(), rel=1e-9)
+  assert out["delta_p"] == pytest.approx(np.mean(err < 0.25))
+
+
+def test_pointmap_one_alignment_per_video():
+  """A video is aligned jointly: frames with different scales are not each fixed up."""
+  gt = _gt_pointmap(shape=(2, 4, 5), seed=3)
+  pred = np.stack([2.0 * gt[0], 4.0 * gt[1]])
+  s = np.sum(pred * gt) / np.sum(pred * pred)
+  err = np.linalg.norm(s * pred - gt, axis=-1) / np.linalg.norm(gt, axis=-1)
+  out = M.pointmap_metrics(pred, gt)
+  assert out["rel_p"] == pytest.approx(err.mean(), rel=1e-12) and out["rel_p"] > 0.1
+  for i in range(2):  # each frame alone is a pure scale
+    assert M.pointmap_metrics(pred[i], gt[i])["rel_p"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pointmap_mask_and_invalid_points():
+  gt = _gt_pointmap(seed=4)
+  pred = 2.0 * gt
+  mask = np.ones(gt.shape[:-1], bool)
+  mask[0, :2] = False
+  bad = pred.copy()
+  bad[0, 0] = 1e3  # huge error, masked out
+  bad[0, 1] = np.nan  # NaN, masked out
+  out = M.pointmap_metrics(bad, gt, mask)
+  assert out["rel_p"] == pytest.approx(0.0, abs=1e-12) and out["delta_p"] == 1.0
+  assert M.pointmap_metrics(bad, gt)["rel_p"] > 0.5  # unmasked, the outliers count
+  # zero or non-finite GT points are not valid (no division by |g| = 0)
+  gt2 = gt.copy()
+  gt2[1, 0, 0] = 0.0
+  gt2[1, 0, 1] = np.inf
+  out = M.pointmap_metrics(pred, gt2, align="none")
+  assert np.isfinite(out["rel_p"]) and out["rel_p"] == pytest.approx(1.0)
+
+
+def test_pointmap_degenerate_predictions():
+  """Same fallbacks as the depth alignment: a zero prediction is scored as it is, not raised."""
+  gt = _gt_pointmap(seed=5)
+  zero = M.pointmap_metrics(np.zeros_like(gt), gt, align="scale")
+  assert zero["rel_p"] == pytest.approx(1.0) and zero["delta_p"] == 0.0
+  const = np.broadcast_to(np.array([0.0, 0.0, 2.0]), gt.shape)
+  c = M.pointmap_metrics(const, gt, align="scale_shift")  # s = 1, t = mean(g) - mean(p)
+  err = np.linalg.norm(gt.mean((0, 1, 2)) - gt, axis=-1) / np.linalg.norm(gt, axis=-1)
+  assert c["rel_p"] == pytest.approx(err.mean(), rel=1e-12)
+
+
+def test_pointmap_errors():
+  gt = _gt_pointmap(shape=(3, 4))
+  with pytest.raises(ValueError, match=r"gt_points must have shape \(\.\.\., H, W, 3\)"):
+    M.pointmap_metrics(gt[..., 0], gt[..., 0])
+  with pytest.raises(ValueError, match="gt_points"):
+    M.pointmap_metrics(gt[0], gt[0])  # (W, 3): no H axis
+  with pytest.raises(ValueError, match="gt_points"):
+    M.pointmap_metrics(gt[..., :2], gt[..., :2])
+  with pytest.raises(ValueError, match="pred_points"):
+    M.pointmap_metrics(gt[:2], gt)
+  with pytest.raises(ValueError, match="mask"):
+    M.pointmap_metrics(gt, gt, np.ones((3, 5), bool))
+  with pytest.raises(ValueError, match="align"):
+    M.pointmap_metrics(gt, gt, align="median")
+  with pytest.raises(ValueError, match="threshold"):
+    M.pointmap_metrics(gt, gt, threshold=0.0)
+  with pytest.raises(ValueError, match="empty"):
+    M.pointmap_metrics(gt, gt, np.zeros((3, 4), bool))
+  with pytest.raises(ValueError, match="empty"):
+    M.pointmap_metrics(np.full_like(gt, np.nan), gt)
+
+
+# ------------------------------------------------------------------------------------------------
 # Normals
 # ------------------------------------------------------------------------------------------------
 

@@ -74,8 +74,11 @@ def read_pickled_state_dict(path: str) -> dict:
 
 
 def convert(src: str, dst: str, family: str, *, preset: str | None = None,
-            overwrite: bool = False) -> str:
-  """Convert ``src`` into ``dst/model.safetensors`` and check that it loads; returns ``dst``."""
+            overwrite: bool = False, tensors_only: bool = False) -> str:
+  """Convert ``src`` into ``dst/model.safetensors`` and check that it loads; returns ``dst``.
+
+  ``tensors_only``: skip the load check, for a checkpoint that is a part of the family's
+  initialisation rather than one of its models (e.g. MoGe-2 for DAGE's stage-1 merge)."""
   from safetensors.numpy import save_file
 
   from geojax.models import registry
@@ -109,7 +112,8 @@ def convert(src: str, dst: str, family: str, *, preset: str | None = None,
       with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
         json.dump({**(config or {}), **({"model_name": preset} if preset else {}),
                    "family": family}, f, indent=1)
-    fam.load_official(stage, {"preset": preset or ""})  # fails here if it does not fit
+    if not tensors_only:
+      fam.load_official(stage, {"preset": preset or ""})  # fails here if it does not fit
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(dst, name))
   finally:
@@ -125,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--family", required=True, help="model family of the checkpoint")
   p.add_argument("--preset", default=None, help="preset (default: inferred when loading)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
+  p.add_argument("--tensors-only", action="store_true",
+                 help="write the tensors without checking that they load as a model of the "
+                      "family (for parts of its initialisation, e.g. MoGe-2 for DAGE)")
   try:
     a = p.parse_args(argv)
-    convert(a.src, a.dst, a.family, preset=a.preset, overwrite=a.overwrite)
+    convert(a.src, a.dst, a.family, preset=a.preset, overwrite=a.overwrite,
+            tensors_only=a.tensors_only)
   except SystemExit as e:
     return int(e.code or 0)
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

@@ -16,20 +16,18 @@ Only safetensors is read; official ``.pt`` pickles go through ``geojax convert -
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-import warnings
 from typing import Any, Iterator, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from geojax.convert import torch_layout as tl
 from geojax.models import dage as dage_lib
 from geojax.nn.layers import IMAGENET_MEAN, IMAGENET_STD
 
-_BUFFERS = ("image_mean", "image_std", "hr_encoder.image_mean", "hr_encoder.image_std")
+_BUFFERS = {"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+            "hr_encoder.image_mean": IMAGENET_MEAN, "hr_encoder.image_std": IMAGENET_STD}
 
 # geojax dotted path (leaf renamed to weight/bias) -> official key; "{i}" = stacked layer index.
 _RULES = [
@@ -44,49 +42,6 @@ _RULES = [
     (r"^(hr_\w+)\.resamplers\.(\d+)\.up\.", r"\1.resamplers.\2.0."),
     (r"^(hr_\w+)\.resamplers\.(\d+)\.conv\.conv\.", r"\1.resamplers.\2.1."),
 ]
-
-
-def _official_key(parts: tuple[str, ...]) -> str:
-  p = ".".join(parts[:-1] + (("weight",) if parts[-1] in ("kernel", "scale") else parts[-1:]))
-  for pat, rep in _RULES:
-    if re.match(pat, p):
-      return re.sub(pat, rep, p, count=1)
-  return p
-
-
-def _kind(parts: tuple[str, ...], ndim: int) -> str:
-  if parts[-1] != "kernel":
-    return "plain"
-  if ndim == 2:
-    return "linear"
-  if len(parts) >= 2 and parts[-2] == "up":
-    return "convT"
-  return "conv"
-
-
-def _to_jax(a: np.ndarray, kind: str) -> np.ndarray:
-  return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0),
-          "convT": lambda x: x.transpose(0, 2, 3, 1)}.get(kind, lambda x: x)(a)
-
-
-def _to_torch(a: np.ndarray, kind: str) -> np.ndarray:
-  return {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1),
-          "convT": lambda x: x.transpose(0, 3, 1, 2)}.get(kind, lambda x: x)(a)
-
-
-def _entries(model: nnx.Module):
-  """``(path, value_or_shape, keys, kind, stacked)`` for every parameter of ``model``."""
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    parts = tuple(str(p) for p in path)
-    value = var.get_value() if hasattr(var, "get_value") else var
-    shape = tuple(value.shape)
-    stacked = "layers" in parts  # LayerStack parameters
-    key = _official_key(parts)
-    if stacked and "{i}" not in key:
-      raise AssertionError(f"no official name rule for stacked parameter {'.'.join(parts)}")
-    kind = _kind(parts, len(shape) - (1 if stacked else 0))
-    keys = [key.replace("{i}", str(i)) for i in range(shape[0])] if stacked else [key]
-    yield path, value, shape, keys, kind, stacked
 
 
 def config_from_reference(reference: Mapping[str, Any], **overrides) -> dage_lib.DAGEConfig:
@@ -158,10 +113,6 @@ def config_from_reference(reference: Mapping[str, Any], **overrides) -> dage_lib
   return dataclasses.replace(dage_lib.DAGEConfig(), **f)
 
 
-def _abstract(cfg: dage_lib.DAGEConfig):
-  return nnx.eval_shape(lambda: dage_lib.DAGE.from_config(cfg, rngs=nnx.Rngs(0)))
-
-
 def from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
                           config: dage_lib.DAGEConfig | str = "dage", *,
                           strict_unexpected: bool = False) -> dage_lib.DAGE:
@@ -172,54 +123,14 @@ def from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
   warning (an error with ``strict_unexpected=True``).
   """
   cfg = dage_lib.get_config(config) if isinstance(config, str) else config
-  sd = dict(state_dict)
-  model_abs = _abstract(cfg)
-  graphdef, state = nnx.split(model_abs)
-  pure = nnx.to_pure_dict(state)
-  used, missing = set(), []
-  for path, _, shape, keys, kind, stacked in _entries(model_abs):
-    if any(k not in sd for k in keys):
-      missing.extend(k for k in keys if k not in sd)
-      continue
-    used.update(keys)
-    arrays = [_to_jax(np.asarray(sd[k], np.float32), kind) for k in keys]
-    value = np.stack(arrays) if stacked else arrays[0]
-    if tuple(value.shape) != shape:
-      raise ValueError(f"checkpoint tensor {keys[0]} has shape {tuple(np.shape(sd[keys[0]]))}, "
-                       f"which does not fit this DAGE configuration (expected {shape} in "
-                       "geojax layout); is it for another configuration or model?")
-    node = pure
-    for p in path[:-1]:
-      node = node[p]
-    node[path[-1]] = jnp.asarray(value)
-  if missing:
-    more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
-    raise ValueError(f"checkpoint does not match the DAGE configuration: {len(missing)} tensors "
-                     f"missing, e.g. {missing[:10]}{more}")
-  for name, want in zip(_BUFFERS, (IMAGENET_MEAN, IMAGENET_STD) * 2):
-    if name in sd:
-      used.add(name)
-      if not np.allclose(np.asarray(sd[name]).reshape(-1), want, atol=1e-6):
-        raise ValueError(f"checkpoint buffer {name} is {np.asarray(sd[name]).reshape(-1)}, not "
-                         f"the ImageNet constants {want} geojax uses")
-  unexpected = sorted(set(sd) - used)
-  if unexpected:
-    msg = f"checkpoint has {len(unexpected)} keys DAGE does not use: {unexpected[:20]}"
-    if strict_unexpected:
-      raise ValueError(msg)
-    warnings.warn(msg, stacklevel=2)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  return tl.load_state_dict(lambda: dage_lib.DAGE.from_config(cfg, rngs=nnx.Rngs(0)),
+                            state_dict, _RULES, name="DAGE", buffers=_BUFFERS,
+                            strict_unexpected=strict_unexpected)
 
 
 def iter_torch_state_dict(model: dage_lib.DAGE) -> Iterator[tuple[str, np.ndarray]]:
   """``(official key, float32 array)`` pairs, one tensor at a time, buffers included."""
-  for _, value, _, keys, kind, stacked in _entries(model):
-    value = np.asarray(value)
-    for i, k in enumerate(keys):
-      yield k, np.ascontiguousarray(_to_torch(value[i] if stacked else value, kind))
-  for name, v in zip(_BUFFERS, (IMAGENET_MEAN, IMAGENET_STD) * 2):
-    yield name, v.reshape(1, 3, 1, 1).copy()
+  return tl.iter_state_dict(model, _RULES, _BUFFERS)
 
 
 def to_torch_state_dict(model: dage_lib.DAGE) -> dict[str, np.ndarray]:
@@ -227,33 +138,12 @@ def to_torch_state_dict(model: dage_lib.DAGE) -> dict[str, np.ndarray]:
   return dict(iter_torch_state_dict(model))
 
 
-def _read_dir(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
-  from safetensors.numpy import load_file
-  if os.path.isdir(path):
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-      raise ValueError(f"{path}: no .safetensors file (convert official .pt checkpoints with "
-                       "`geojax convert --family dage`)")
-    sd = {}
-    for f in files:
-      sd.update(load_file(os.path.join(path, f)))
-    cfg_path = os.path.join(path, "config.json")
-    config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
-    return sd, config
-  if os.path.isfile(path):
-    if not path.endswith(".safetensors"):
-      raise ValueError(f"{path}: only safetensors checkpoints are read (nothing is unpickled); "
-                       "convert it with `geojax convert --family dage SRC.pt DST`")
-    return load_file(path), None
-  raise ValueError(f"{path}: no such DAGE checkpoint file or directory")
-
-
 def load_official(path: str | os.PathLike, config: dage_lib.DAGEConfig | None = None,
                   **overrides) -> dage_lib.DAGE:
   """Official DAGE weights from a ``.safetensors`` file or a directory (``config.json``, if
   present, gives the configuration through :func:`config_from_reference`; otherwise the
   released ``dage`` configuration)."""
-  sd, ref = _read_dir(os.fspath(path))
+  sd, ref = tl.read_safetensors(os.fspath(path), "dage")
   if config is None:
     config = config_from_reference(ref, **overrides) if ref else dage_lib.get_config(
         "dage", **overrides)
@@ -264,13 +154,5 @@ def load_official(path: str | os.PathLike, config: dage_lib.DAGEConfig | None = 
 
 def is_official(path: str) -> bool:
   """Whether ``path`` (file or directory) holds official DAGE weights (by key names)."""
-  from safetensors import safe_open
-  path = os.fspath(path)
-  files = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-           if os.path.isdir(path) else [path] if path.endswith(".safetensors") else [])
-  for f in files:
-    with safe_open(f, "np") as h:
-      keys = set(h.keys())
-    if {"register_token", "adapter.linear_out.weight", "hr_encoder.backbone.cls_token"} <= keys:
-      return True
-  return False
+  want = {"register_token", "adapter.linear_out.weight", "hr_encoder.backbone.cls_token"}
+  return any(want <= keys for keys in tl.safetensors_keys(path))

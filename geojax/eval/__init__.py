@@ -1,4 +1,5 @@
-"""Evaluation: host-side (NumPy, float64) metrics for depth, normals, poses, clouds and tracks."""
+"""Evaluation: host-side (NumPy, float64) metrics for depth, point maps, normals, poses, clouds and
+tracks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from geojax.eval.metrics import (
     edge_chamfer,
     normal_metrics,
     pointcloud_metrics,
+    pointmap_metrics,
     pose_auc,
     pose_errors,
     rpe,
@@ -27,6 +29,7 @@ __all__ = [
     "edge_chamfer",
     "normal_metrics",
     "pointcloud_metrics",
+    "pointmap_metrics",
     "pose_auc",
     "pose_errors",
     "rpe",

@@ -9,6 +9,11 @@ Used by ``evaluate.py``. Metric groups:
 - ``pointcloud``: predicted depth un-projected with the predicted cameras (GT cameras for
   depth-only models), aligned to the GT points by Umeyama Sim(3) over pixel correspondences, then
   accuracy / completeness / Chamfer / precision / recall / F-score;
+- ``pointmap``: per-camera (local) point maps -- the model's ``local_points`` when it returns
+  them, else its depth un-projected with its intrinsics (GT intrinsics for depth-only models) --
+  against the GT depth un-projected with the GT intrinsics; one alignment over all views of the
+  scene (``pointmap_align``: ``none``, ``scale`` (default) or ``scale_shift``), then ``rel_p`` and
+  ``delta_p`` (:func:`geojax.eval.metrics.pointmap_metrics`, threshold 0.25);
 - ``normal`` (models that predict normals, scenes with GT ``normals``): angular error on valid
   pixels (:func:`geojax.eval.metrics.normal_metrics`), keys prefixed ``normal_``;
 - ``track`` (models that predict 3D tracks, scenes with GT ``tracks``): each GT track is queried
@@ -28,15 +33,17 @@ import math
 import os
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 
 from geojax.eval import metrics as M
 from geojax.geometry import alignment, unproject
 from geojax.io import visualize as viz
 
-GROUPS = ("depth", "pose", "pointcloud", "normal", "track")
-NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth", "normal": "normals",
-         "track": "tracks"}
+GROUPS = ("depth", "pose", "pointcloud", "pointmap", "normal", "track")
+NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth", "pointmap": "depth",
+         "normal": "normals", "track": "tracks"}
+DEPTH_GROUPS = ("depth", "pointcloud", "pointmap")  # groups scored against GT depth
 GT_KEYS = {"normal": "normals", "track": "tracks"}  # scene keys those groups need
 
 
@@ -57,9 +64,9 @@ def parse_groups(spec: str, predicts: tuple[str, ...], has_depth: bool = True
   run, notes = [], []
   for n in names:
     if NEEDS[n] not in predicts:
-      if explicit or n in ("depth", "pose", "pointcloud"):
+      if explicit or n in DEPTH_GROUPS + ("pose",):
         notes.append(f"{n}: skipped, the model does not predict {NEEDS[n]}")
-    elif n in ("depth", "pointcloud") and not has_depth:
+    elif n in DEPTH_GROUPS and not has_depth:
       notes.append(f"{n}: skipped, the dataset has no ground-truth depth")
     else:
       run.append(n)
@@ -112,7 +119,28 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     sc, rot, tr = (np.asarray(a, np.float64) for a in alignment.umeyama(p_pts, g_pts))
     aligned = sc * p_pts @ rot.T + tr
     out.update(M.pointcloud_metrics(aligned, g_pts, threshold=options["pointcloud_threshold"]))
+  if "pointmap" in groups:
+    out.update(pointmap_scores(pred, scene, mask, options.get("pointmap_align", "scale")))
   return out
+
+
+def pointmap_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask: np.ndarray,
+                    align: str) -> dict[str, float]:
+  """``rel_p`` / ``delta_p`` of the scene's camera-frame point maps (one alignment per scene)."""
+  gt_depth = np.asarray(scene["depth"], np.float64)
+  with jax.enable_x64(True):  # float64 un-projection (geojax pixel centres: offset 0)
+    g_pts = np.asarray(unproject.depth_to_camera_points(
+        gt_depth, np.asarray(scene["intrinsics"], np.float64)))
+    if "local_points" in pred:
+      p_pts = np.asarray(pred["local_points"], np.float64)
+      if p_pts.shape != g_pts.shape:
+        raise ValueError(f"pred local_points must have shape (S, H, W, 3) = {g_pts.shape} (the "
+                         f"scene's views at its resolution), got {p_pts.shape}")
+    else:
+      k = pred["intrinsics"] if "intrinsics" in pred else scene["intrinsics"]
+      p_pts = np.asarray(unproject.depth_to_camera_points(
+          np.asarray(pred["depth"], np.float64), np.asarray(k, np.float64)))
+  return M.pointmap_metrics(p_pts, g_pts, mask, align=align)
 
 
 def track_queries(scene: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +234,7 @@ def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
         progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict[str, Any]]:
   """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``."""
   rows = []
-  need_depth = any(g in groups for g in ("depth", "pointcloud", "normal"))
+  need_depth = any(g in groups for g in DEPTH_GROUPS + ("normal",))
   for name, scene in progress(scenes):
     mask = valid_mask(scene, float(options.get("max_depth", 0.0))) if need_depth else None
     if need_depth and not mask.any():

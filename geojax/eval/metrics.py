@@ -1,4 +1,5 @@
-"""Evaluation metrics for depth, normals, camera poses, point clouds, patch seams and 3-D tracks.
+"""Evaluation metrics for depth, point maps, normals, camera poses, point clouds, patch seams and
+3-D tracks.
 
 All metrics are host-side: inputs may be NumPy or JAX arrays, they are converted with
 ``np.asarray`` and everything is computed in float64 NumPy (SciPy KD-trees for nearest
@@ -23,6 +24,7 @@ from geojax.geometry.alignment import align_depth, apply_sim3, umeyama
 from geojax.geometry.edges import canny
 
 DEPTH_ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine")
+POINTMAP_ALIGN_MODES = ("none", "scale", "scale_shift")
 NORMAL_THRESHOLDS = (5.0, 7.5, 11.25, 22.5, 30.0)
 # TAPVid-3D ``use_fixed_metric_threshold``: pixel threshold -> metres.
 TAPVID3D_FIXED_METRIC = {1: 0.01, 2: 0.04, 4: 0.16, 8: 0.64, 16: 2.56}
@@ -169,6 +171,81 @@ def depth_metrics(pred: Any, gt: Any, mask: Any = None, align: str = "none", *,
     raise ValueError("depth_metrics: the valid mask is empty "
                      "(mask & gt > 0 & finite selects no pixel)")
   return {k: float(np.mean([r[k] for r in per_image])) for k in per_image[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Point maps
+# ------------------------------------------------------------------------------------------------
+
+
+def _pointmap_alignment(p: np.ndarray, g: np.ndarray, align: str) -> tuple[float, np.ndarray]:
+  """Least-squares ``(s, t)`` with ``s p + t ~ g`` over the rows of ``(M, 3)`` arrays.
+
+  Same fallbacks as :func:`geojax.geometry.alignment.align_depth`: ``"scale"`` with an all-zero
+  ``p`` gives ``s = 1``; ``"scale_shift"`` with a constant ``p`` (variance below
+  ``(10 eps)^2 sum |p|^2``) gives ``s = 1, t = mean(g) - mean(p)``.
+  """
+  if align == "none":
+    return 1.0, np.zeros(3)
+  if align == "scale":
+    den = float(np.sum(p * p))
+    return (float(np.sum(p * g)) / den if den > 0 else 1.0), np.zeros(3)
+  pm, gm = p.mean(0), g.mean(0)
+  dp, dg = p - pm, g - gm
+  var = float(np.sum(dp * dp))
+  tol = (10 * np.finfo(np.float64).eps) ** 2 * float(np.sum(p * p))
+  s = float(np.sum(dp * dg)) / var if var > tol else 1.0
+  return s, gm - s * pm
+
+
+def pointmap_metrics(pred_points: Any, gt_points: Any, mask: Any = None, align: str = "scale",
+                     threshold: float = 0.25) -> dict[str, float]:
+  """Relative point-map error ``rel_p`` and inlier ratio ``delta_p`` (MoGe, GeometryCrafter,
+  DAGE video point-map evaluations).
+
+  Inputs are point maps ``(..., H, W, 3)`` -- one frame ``(H, W, 3)`` or a video
+  ``(N, H, W, 3)`` -- each point in its own camera's frame (OpenCV: x right, y down, z forward);
+  ``mask`` has shape ``(..., H, W)``. Valid points: ``mask``, finite GT with ``|g| > 0`` and a
+  finite prediction. One alignment ``a_i = s p_i + t`` is fitted over **all** valid points of the
+  input jointly (a whole video shares one scale), by least squares:
+
+  * ``"none"``: ``s = 1, t = 0``;
+  * ``"scale"``: ``s = sum_i <p_i, g_i> / sum_i |p_i|^2``, ``t = 0`` (``s = 1`` if the
+    prediction is zero on every valid point);
+  * ``"scale_shift"``: ``(s, t) = argmin sum_i |s p_i + t - g_i|^2`` with a 3-vector shift ``t``:
+    ``s = sum_i <p_i - p_mean, g_i - g_mean> / sum_i |p_i - p_mean|^2``,
+    ``t = g_mean - s p_mean`` (``s = 1`` if the prediction is constant).
+
+  (The fallbacks are those of :func:`geojax.geometry.alignment.align_depth`, which
+  :func:`depth_metrics` uses; a zero prediction then scores ``rel_p = 1``, ``delta_p = 0``.)
+  With ``e_i = |a_i - g_i| / |g_i|`` (Euclidean norms):
+
+  * ``rel_p = mean_i e_i`` (fraction, papers often print x100);
+  * ``delta_p = mean_i (e_i < threshold)``, ``threshold = 0.25`` by default (MoGe's convention).
+
+  Raises ``ValueError`` for bad shapes, an unknown ``align``, a non-positive ``threshold`` or an
+  empty set of valid points.
+  """
+  if align not in POINTMAP_ALIGN_MODES:
+    raise ValueError(f"unknown align {align!r}; expected one of {POINTMAP_ALIGN_MODES}")
+  if not (np.isfinite(threshold) and threshold > 0):
+    raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
+  p, g = _f64(pred_points), _f64(gt_points)
+  if g.ndim < 3 or g.shape[-1] != 3:
+    raise ValueError(f"gt_points must have shape (..., H, W, 3), got {g.shape}")
+  if p.shape != g.shape:
+    raise ValueError(f"pred_points must have the shape of gt_points {g.shape}, got {p.shape}")
+  m = _mask_like("mask", mask, g.shape[:-1], "gt_points.shape[:-1]")
+  g_norm = np.linalg.norm(g, axis=-1)
+  valid = (m & np.all(np.isfinite(g), -1) & np.isfinite(g_norm) & (g_norm > 0)
+           & np.all(np.isfinite(p), -1))
+  if not valid.any():
+    raise ValueError("pointmap_metrics: the valid mask is empty "
+                     "(mask & finite non-zero gt_points & finite pred_points selects no point)")
+  p, g, g_norm = p[valid], g[valid], g_norm[valid]
+  s, t = _pointmap_alignment(p, g, align)
+  err = np.linalg.norm(s * p + t - g, axis=-1) / g_norm
+  return {"rel_p": float(np.mean(err)), "delta_p": float(np.mean(err < threshold))}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-import weakref
 from typing import Any
 
 import jax
@@ -26,10 +25,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from geojax.geometry import camera
 from geojax.models import dage
 from geojax.models.registry import Demo, Family, PredictArg, config_overrides, register
-from geojax.predict.core import Prediction
+from geojax.models.runner import compiled_call
+from geojax.predict.core import point_map_prediction
 
 
 def build(config: dict[str, Any], rngs: nnx.Rngs) -> nnx.Module:
@@ -54,20 +53,8 @@ def convert_state_dict(checkpoint: Any):
   or the file itself (EMA preferred, as ``DAGE.from_pretrained`` does), and the constructor
   config it stores (``model_config`` / ``config``), which ``config.json`` keeps so that the
   adapter depth and RoPE flags of the run are known when loading."""
-  if not isinstance(checkpoint, dict):
-    raise ValueError("a DAGE checkpoint must be a mapping (a state dict or a training "
-                     "checkpoint with ema_model / model)")
-  sd = checkpoint
-  for key in ("ema_model", "model"):
-    if isinstance(checkpoint.get(key), dict):
-      sd = checkpoint[key]
-      break
-  tensors = {k: v for k, v in sd.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
-  if not tensors:
-    raise ValueError("the DAGE checkpoint holds no tensors")
-  config = next((checkpoint[k] for k in ("model_config", "config")
-                 if isinstance(checkpoint.get(k), dict)), None)
-  return tensors, config
+  from geojax.convert.torch_layout import checkpoint_tensors
+  return checkpoint_tensors(checkpoint, "DAGE")
 
 
 def predicts(config: dict[str, Any]) -> tuple[str, ...]:
@@ -84,9 +71,6 @@ def _same_size(images: list[np.ndarray], names: list[str]) -> np.ndarray:
     images = [im if im.shape[:2] == (h, w) else
               np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images]
   return np.stack(images)
-
-
-_COMPILED: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarray | None = None,
@@ -112,31 +96,11 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
   x = jnp.asarray(pixels[None].astype(np.float32) / 255.0)
   opts = dict(lr_max_size=int(lr_max_size), hr_num_tokens=int(hr_num_tokens),
               chunk=int(chunk) or None, conf_threshold=float(conf_threshold), metric=False)
-  per_model = _COMPILED.setdefault(model, {})
-  key = (tuple(sorted(opts.items())), x.shape)
-  if key not in per_model:
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda st, v: dage.infer(nnx.merge(graphdef, st), v, **opts))
-    per_model[key] = (fn.lower(state, x).compile(), state)
-  exe, state = per_model[key]
+  exe = compiled_call(model, tuple(sorted(opts.items())), (x,), fn=dage.infer)
   t0 = time.perf_counter()
-  out = jax.device_get(jax.block_until_ready(exe(state, x)))
-  seconds = time.perf_counter() - t0
-  s, h, w = pixels.shape[:3]
-  c2w = np.asarray(out["camera_poses"][0], np.float32)
-  w2c = np.asarray(camera.rigid_inverse(jnp.asarray(c2w)), np.float32)
-  kn = np.asarray(out["intrinsics"][0], np.float32)
-  k = np.zeros((s, 3, 3), np.float32)
-  k[:, 0, 0], k[:, 1, 1] = kn[:, 0, 0] * w, kn[:, 1, 1] * h
-  # normalised principal point 0.5 = the image centre; geojax pixels have integer centres
-  k[:, 0, 2], k[:, 1, 2], k[:, 2, 2] = kn[:, 0, 2] * w - 0.5, kn[:, 1, 2] * h - 0.5, 1.0
-  local = np.asarray(out["local_points"][0], np.float32)
-  return Prediction(
-      depth=local[..., 2], depth_conf=np.asarray(jax.nn.sigmoid(out["conf"][0]), np.float32),
-      extrinsics=w2c, intrinsics=k, world_points=np.asarray(out["global_points"][0], np.float32),
-      images=pixels, names=names, input_hw=[tuple(im.shape[:2]) for im in images],
-      local_points=local,
-      metric_scale=float(np.asarray(out["metric_scale"]).reshape(-1)[0]), seconds=seconds)
+  out = jax.device_get(jax.block_until_ready(exe(x)))
+  return point_map_prediction(out, pixels, names, [tuple(im.shape[:2]) for im in images],
+                              seconds=time.perf_counter() - t0)
 
 
 PREDICT_ARGS = (
@@ -151,63 +115,168 @@ PREDICT_ARGS = (
 
 # ---------------------------------------------------------------------------------- training
 
-STAGES = (2, 3)
+STAGES = (1, 2, 3)
+TEACHER_MAX_SIZE = 672  # the official stage-1 teacher's longest side (a multiple of 28)
+
+
+def distill_resolutions(h: int, w: int, teacher_max_size: int = TEACHER_MAX_SIZE
+                        ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Stage-1 sizes for ``h x w`` training images (``train_dage_stage1.py``): the Pi3 teacher's
+  input (long side at most ``teacher_max_size``, sides multiples of 28) and the student's LR
+  resolution, exactly half of it."""
+  th, tw = dage.lr_size(h, w, teacher_max_size, multiple=28)
+  return (th, tw), (th // 2, tw // 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class DAGETask:
   """DAGE training (official recipe, ``../shared/reference/dage.md`` §9-10).
 
+  - ``stage=1``: :func:`geojax.losses.dage.distill_loss` (the stage-2 terms plus point, camera
+    and cosine feature distillation) against a frozen Pi3 teacher run inside the step on the
+    same clip at twice the student's LR resolution (:func:`distill_resolutions`), its raw
+    point / confidence maps resized to the image size before the remap and its decoder block
+    ``depth - 3`` matched by the student's token splitter; the HR stream sees
+    ``(H // 14) * (W // 14)`` tokens, as officially.
   - ``stage=2``: :func:`geojax.losses.dage.pi3_loss` (scale-aligned local points, normals, edge,
     relative cameras, metric scale) on every sample; synthetic scenes count as synthetic-depth
     and metric data.
   - ``stage=3``: :func:`geojax.losses.dage.conf_loss` (confidence BCE; sky = the batch's
     ``sky`` mask when it has one).
-  Stage 1 (distillation from a Pi3 teacher) needs the Pi3 model, which geojax does not build
-  yet. Images: uint8 ``(B, N, H, W, 3)``; the LR stream runs at ``lr_max_size``, the HR stream
-  with ``hr_num_tokens`` tokens.
+  Images: uint8 ``(B, N, H, W, 3)``; in stages 2-3 the LR stream runs at ``lr_max_size``, the
+  HR stream with ``hr_num_tokens`` tokens.
   """
   stage: int = 2
   lr_max_size: int = dage.LR_MAX_SIZE
   hr_num_tokens: int = dage.HR_NUM_TOKENS
   loss: tuple[tuple[str, Any], ...] = ()
+  teacher_max_size: int = TEACHER_MAX_SIZE
+  teacher_graphdef: Any = dataclasses.field(default=None, compare=False, repr=False)
+  teacher_state: Any = dataclasses.field(default=None, compare=False, repr=False)
   family: str = "dage"
+
+  def step_inputs(self) -> dict[str, Any] | None:
+    """The teacher's weights, handed to every step as an argument (stage 1)."""
+    return {"pi3_teacher": self.teacher_state} if self.stage == 1 else None
 
   def loss_fn(self, model, batch: dict[str, Any], rng: jax.Array
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     from geojax.losses import dage as dage_loss
     del rng
     x = jnp.asarray(batch["images"], jnp.float32) / 255.0
-    pred = model(x, lr_max_size=self.lr_max_size, hr_num_tokens=self.hr_num_tokens)
     gt = dage_loss.gt_from_pipeline(batch)
     b = x.shape[0]
     gt.setdefault("is_synthetic", jnp.ones((b,), bool))
     gt.setdefault("is_metric_scale", jnp.ones((b,), bool))
     kw = dict(self.loss)
-    if self.stage == 3:
-      total, aux = dage_loss.conf_loss(pred, gt, sky_mask=batch.get("sky"), **kw)
+    if self.stage == 1:
+      total, aux = self._distill(model, x, batch["pi3_teacher"], gt, kw)
     else:
-      total, aux = dage_loss.pi3_loss(pred, gt, **kw)
+      pred = model(x, lr_max_size=self.lr_max_size, hr_num_tokens=self.hr_num_tokens)
+      if self.stage == 3:
+        total, aux = dage_loss.conf_loss(pred, gt, sky_mask=batch.get("sky"), **kw)
+      else:
+        total, aux = dage_loss.pi3_loss(pred, gt, **kw)
     return total, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+
+  def _distill(self, model, x, teacher_state, gt, kw):
+    from geojax.losses import dage as dage_loss
+    from geojax.nn import resize
+    b, n, h, w, _ = x.shape
+    (th, tw), student_lr = distill_resolutions(h, w, self.teacher_max_size)
+    teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(teacher_state))
+    xt = x.reshape(b * n, h, w, 3)
+    if (th, tw) != (h, w):
+      xt = jnp.clip(resize.resize_bilinear(xt, (th, tw), antialias=True), 0.0, 1.0)
+    t_out = jax.lax.stop_gradient(teacher(xt.reshape(b, n, th, tw, 3),
+                                          tap=teacher.cfg.dec_depth - 3, out_hw=(h, w)))
+    pred = model(x, lr_resolution=student_lr, hr_num_tokens=(h // 14) * (w // 14),
+                 distill=True)
+    return dage_loss.distill_loss(pred, t_out, gt, student_feat=pred["student_feat"],
+                                  teacher_feat=t_out["features"], **kw)
+
+
+def load_teacher(tconfig, model_preset: str, dtype: Any = None):
+  """The frozen Pi3 teacher of stage 1 from ``config.teacher``: official Pi3 safetensors
+  (``weights``), a geojax Pi3 checkpoint (``checkpoint``), or - only for the geojax-only
+  ``pi3-tiny`` preset, in smoke runs - a random initialisation. Its decoder width must equal
+  the student's."""
+  from geojax.models import pi3
+  weights, ckpt = tconfig.get("weights", ""), tconfig.get("checkpoint", "")
+  preset = tconfig.get("preset", "pi3")
+  if weights and ckpt:
+    raise ValueError("teacher: set either teacher.weights or teacher.checkpoint, not both")
+  over = {} if dtype is None else {"dtype": dtype}
+  if weights:
+    from geojax.convert.pi3 import load_official
+    teacher = load_official(weights, **over)
+  elif ckpt:
+    from geojax.models.registry import load_checkpoint
+    teacher, _, _ = load_checkpoint(ckpt, family="pi3", what="teacher.checkpoint")
+  elif preset in pi3.OFFICIAL_PRESETS:
+    raise ValueError("stage 1 distils from a Pi3 teacher: set teacher.weights to the official "
+                     "Pi3 model.safetensors (yyfz233/Pi3) or teacher.checkpoint to a geojax Pi3 "
+                     "checkpoint")
+  else:
+    warnings.warn(f"stage 1 with a randomly initialised {preset} teacher (no teacher.weights "
+                  "or teacher.checkpoint): only for smoke tests", stacklevel=2)
+    teacher = pi3.Pi3.from_preset(preset, rngs=nnx.Rngs(int(tconfig.get("seed", 0))), **over)
+  student = dage.get_config(model_preset)
+  if teacher.cfg.dec_dim != student.dec_dim:
+    raise ValueError(f"the Pi3 teacher's decoder width {teacher.cfg.dec_dim} differs from the "
+                     f"{model_preset} student's {student.dec_dim}; feature distillation needs "
+                     "them equal")
+  return teacher
 
 
 def make_task(config) -> DAGETask:
   """:class:`DAGETask` from ``config.stage``, ``config.model.lr_max_size`` /
-  ``hr_num_tokens`` and ``config.loss`` (keyword arguments of the stage's loss)."""
+  ``hr_num_tokens``, ``config.loss`` (keyword arguments of the stage's loss) and, for stage 1,
+  ``config.teacher`` (:func:`load_teacher`)."""
   stage = int(config.get("stage", 2))
   if stage not in STAGES:
-    raise ValueError(f"config.stage={stage}: geojax trains DAGE stages {STAGES} (stage 1 "
-                     "distils from a Pi3 teacher, which is not built yet)")
+    raise ValueError(f"config.stage={stage}: DAGE trains in stages {STAGES}")
   m = config.model
-  return DAGETask(stage=stage, lr_max_size=int(m.get("lr_max_size", dage.LR_MAX_SIZE)),
-                  hr_num_tokens=int(m.get("hr_num_tokens", dage.HR_NUM_TOKENS)),
-                  loss=tuple(sorted(dict(config.get("loss", {})).items())))
+  kw = dict(stage=stage, lr_max_size=int(m.get("lr_max_size", dage.LR_MAX_SIZE)),
+            hr_num_tokens=int(m.get("hr_num_tokens", dage.HR_NUM_TOKENS)),
+            loss=tuple(sorted(dict(config.get("loss", {})).items())))
+  if stage == 1:
+    t = config.get("teacher", {})
+    dtype = m.get("dtype")
+    teacher = load_teacher(t, m.preset, None if dtype in (None, "", "float32") else dtype)
+    graphdef, state = nnx.split(teacher)
+    kw.update(teacher_max_size=int(t.get("max_size", TEACHER_MAX_SIZE)),
+              teacher_graphdef=graphdef, teacher_state=state)
+  return DAGETask(**kw)
+
+
+def initialize(model: nnx.Module, init) -> nnx.Module | None:
+  """The official stage-1 initialisation (``scripts/merge_checkpoints.py``) when
+  ``init.moge2`` and ``init.pi3`` are set: MoGe-2's encoder, neck and heads as the HR stream,
+  Pi3's trunk and camera branch as the LR stream, the adapter / cls decoder / token splitter
+  kept at their initialisation (:func:`geojax.convert.pi3.dage_init_state_dict`). Both are
+  safetensors (MoGe-2's ``model.pt`` converted once with
+  ``geojax convert --family dage --tensors-only``)."""
+  moge2, pi3_path = init.get("moge2", ""), init.get("pi3", "")
+  if not moge2 and not pi3_path:
+    return None
+  if not (moge2 and pi3_path):
+    raise ValueError("init: the MoGe-2 + Pi3 merge needs both init.moge2 and init.pi3")
+  from geojax.convert import pi3 as pi3_conv
+  from geojax.convert.torch_layout import read_safetensors
+  merged = pi3_conv.dage_init_state_dict(read_safetensors(moge2, "dage")[0],
+                                         read_safetensors(pi3_path, "pi3")[0])
+  src, loaded, kept = pi3_conv.merge_into_dage(model, merged)
+  print(f"DAGE init: {len(loaded)} tensors from MoGe-2 + Pi3, {len(kept)} kept at their "
+        "initialisation", flush=True)
+  return src
 
 
 FAMILY = register(Family(
     name="dage", build=build, predict=predict, predicts=predicts, load_official=load_official,
     presets=dage.PRESET_NAMES, model_types=(dage.DAGE,), identify_official=identify_official,
     convert_state_dict=convert_state_dict, predict_args=PREDICT_ARGS, make_task=make_task,
+    initialize=initialize,
     eval_options=dict(lr_max_size=252, hr_num_tokens=dage.HR_NUM_TOKENS, chunk=0),
     demo=Demo(config_arg="runlocal", rows=(
         ("depth AbsRel (lower is better)", "abs_rel"),

@@ -643,3 +643,20 @@ def recover_focal_shift(points, mask=None, focal=None, downsample=64, *, iterati
                               jnp.asarray(uv, pts.dtype), f.reshape(b), focal is None,
                               int(iterations))
   return f_out.reshape(lead), shift.reshape(lead)
+
+
+def intrinsics_from_points(points, mask=None, *, iterations: int = 100) -> jax.Array:
+  """Normalised intrinsics ``(..., 3, 3)`` of camera-frame point maps ``(..., H, W, 3)``:
+  ``fx / W``, ``fy / H`` from :func:`recover_focal_shift` (focal relative to half the image
+  diagonal, so ``fx = focal / 2 * sqrt(1 + a^2) / a``, ``fy = focal / 2 * sqrt(1 + a^2)`` with
+  ``a = W / H``) and the principal point at the image centre ``(0.5, 0.5)`` (the official
+  DAGE / MoGe ``infer()`` convention)."""
+  pts = _as_float(points)
+  h, w = pts.shape[-3], pts.shape[-2]
+  a = w / h
+  focal, _ = recover_focal_shift(pts, mask, iterations=iterations)
+  fx = focal / 2 * (1 + a * a) ** 0.5 / a
+  fy = focal / 2 * (1 + a * a) ** 0.5
+  k = jnp.zeros(focal.shape + (3, 3), jnp.float32)
+  k = k.at[..., 0, 0].set(fx).at[..., 1, 1].set(fy).at[..., 0, 2].set(0.5).at[..., 1, 2].set(0.5)
+  return k.at[..., 2, 2].set(1.0)

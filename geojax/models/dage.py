@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geojax.nn import layers, resize, rope
+from geojax.nn import pi3, resize, rope
 from geojax.nn.cross_attention import ClsDecoder, ContextDecoder
 from geojax.nn.moge import MLP, ConvStack, DinoV2Encoder
 from geojax.nn.pi3 import (AlternatingDecoder, CameraHead, LinearPts3d, TokenSplitter,
                            TransformerDecoder)
 from geojax.nn.vit import DinoV2
-from geojax.geometry.alignment import normalized_view_plane_uv
+from geojax.geometry.alignment import intrinsics_from_points, normalized_view_plane_uv
 from geojax.parallel.sharding import create
 
 PATCH = 14
@@ -141,26 +141,30 @@ def get_config(name: str, **overrides) -> DAGEConfig:
 
 
 def lr_size(h: int, w: int, lr_max_size: int | None = None,
-            lr_resolution: tuple[int, int] | None = None) -> tuple[int, int]:
-  """The LR stream's image size for an ``h x w`` video (official ``downsample_input``)."""
+            lr_resolution: tuple[int, int] | None = None, *,
+            multiple: int = PATCH) -> tuple[int, int]:
+  """The LR stream's image size for an ``h x w`` video (official ``downsample_input``): the
+  long side at most ``lr_max_size`` (floored to ``multiple``), both sides multiples of
+  ``multiple`` (14; the stage-1 teacher uses 28 with ``lr_max_size`` 672)."""
+  m = int(multiple)
   if lr_resolution is not None:
     lh, lw = (int(v) for v in lr_resolution)
-    if lh <= 0 or lw <= 0 or lh % PATCH or lw % PATCH:
-      raise ValueError(f"lr_resolution must be positive multiples of {PATCH}; got "
+    if lh <= 0 or lw <= 0 or lh % m or lw % m:
+      raise ValueError(f"lr_resolution must be positive multiples of {m}; got "
                        f"{tuple(lr_resolution)}")
     return lh, lw
-  s = LR_MAX_SIZE if lr_max_size is None else (int(lr_max_size) // PATCH) * PATCH
+  s = LR_MAX_SIZE if lr_max_size is None else (int(lr_max_size) // m) * m
   aspect = w / h
   if w > h:
-    lw = min(s, w // PATCH * PATCH)
-    lh = int((lw / aspect) // PATCH * PATCH)
+    lw = min(s, w // m * m)
+    lh = int((lw / aspect) // m * m)
   else:
-    lh = min(s, h // PATCH * PATCH)
-    lw = int((lh * aspect) // PATCH * PATCH)
-  if lh < PATCH or lw < PATCH:
+    lh = min(s, h // m * m)
+    lw = int((lh * aspect) // m * m)
+  if lh < m or lw < m:
     raise ValueError(f"a {w}x{h} video with lr_max_size={lr_max_size} gives an LR image of "
-                     f"{lw}x{lh}, smaller than one {PATCH}px patch; use a larger lr_max_size "
-                     "or a less elongated video")
+                     f"{lw}x{lh}, smaller than {m}px; use a larger lr_max_size or a less "
+                     "elongated video")
   return lh, lw
 
 
@@ -234,15 +238,11 @@ class DAGE(nnx.Module):
 
   def lr_positions(self, grid: tuple[int, int]) -> np.ndarray:
     """``(R + h*w, 2)`` decoder positions: registers at (0, 0), patch (r, c) at (r+1, c+1)."""
-    return rope.with_special_tokens(rope.grid_positions(*grid, offset=1.0),
-                                    self.cfg.num_registers)
+    return pi3.decoder_positions(grid, self.cfg.num_registers)
 
   def lr_encode(self, lr_images: jax.Array) -> jax.Array:
     """``(M, h*14, w*14, 3)`` in [0, 1] -> normalised patch tokens ``(M, h*w, C)``."""
-    x = (lr_images.astype(jnp.float32) - layers.IMAGENET_MEAN) / layers.IMAGENET_STD
-    enc = self.encoder
-    t = enc.norm(enc.run_layers(enc.tokens(x), 0, enc.depth))
-    return t[:, 1 + enc.num_registers:]
+    return pi3.encode_patches(self.encoder, lr_images)
 
   def lr_decode(self, tokens: jax.Array, batch: int, grid: tuple[int, int], *,
                 distill: bool = False, collect: list | None = None):
@@ -250,22 +250,17 @@ class DAGE(nnx.Module):
 
     ``distill``: also return the :class:`~geojax.nn.pi3.TokenSplitter` output of block
     ``depth - 3`` (stage-1 training), else ``None``."""
-    bn, _, c = tokens.shape
-    n = bn // batch
-    reg = jnp.broadcast_to(self.register_token[...].astype(tokens.dtype),
-                           (batch, n, self.cfg.num_registers, c))
-    x = jnp.concatenate([reg, tokens.reshape(batch, n, -1, c)], axis=2)
+    if distill and self.token_splitter is None:
+      raise ValueError("this DAGE was built without its token splitter (token_splitter=False)")
     tap = self.cfg.dec_depth - 3 if distill else None
-    out, tapped = self.decoder(x, jnp.asarray(self.lr_positions(grid)), tap=tap,
-                               collect=collect)
-    t = out.shape[2]
+    hidden, tapped = pi3.decode_frames(self.decoder, self.register_token[...], tokens, batch,
+                                       grid, tap=tap, collect=collect)
     feat = None
     if distill:
-      if self.token_splitter is None:
-        raise ValueError("this DAGE was built without its token splitter (token_splitter=False)")
-      feat = self.token_splitter(tapped.reshape(bn, t, c), num_registers=self.cfg.num_registers,
-                                 hw=grid, batch=batch)
-    return out.reshape(bn, t, -1), feat
+      bn, t = hidden.shape[:2]
+      feat = self.token_splitter(tapped.reshape(bn, t, -1),
+                                 num_registers=self.cfg.num_registers, hw=grid, batch=batch)
+    return hidden, feat
 
   def cameras(self, lr_hidden: jax.Array, grid: tuple[int, int]):
     """``lr_hidden`` -> ``(camera-to-world (B*N, 4, 4), (t, rot9) raw head outputs)``."""
@@ -424,7 +419,6 @@ def infer(model: DAGE, hr_video: jax.Array, lr_video: jax.Array | None = None, *
   shift solver on the masked point map), ``mask`` (``sigmoid(conf) > conf_threshold``),
   ``conf`` logits and ``metric_scale`` ``(B, 1)``.
   """
-  from geojax.geometry.alignment import recover_focal_shift
   out = model(hr_video, lr_video, lr_max_size=lr_max_size, lr_resolution=lr_resolution,
               hr_num_tokens=hr_num_tokens, chunk=chunk)
   scale = out["metric_scale"]
@@ -432,14 +426,7 @@ def infer(model: DAGE, hr_video: jax.Array, lr_video: jax.Array | None = None, *
   points = out["local_points"] * s[:, :, None, None, None]
   poses = out["camera_poses"].at[..., :3, 3].multiply(s[:, :, None])
   mask = jax.nn.sigmoid(out["conf"]) > conf_threshold
-  h, w = points.shape[2:4]
-  a = w / h
-  focal, _ = recover_focal_shift(points, mask, iterations=focal_iterations)
-  fx = focal / 2 * (1 + a * a) ** 0.5 / a
-  fy = focal / 2 * (1 + a * a) ** 0.5
-  k = jnp.zeros(focal.shape + (3, 3), jnp.float32)
-  k = k.at[..., 0, 0].set(fx).at[..., 1, 1].set(fy).at[..., 0, 2].set(0.5).at[..., 1, 2].set(0.5)
-  k = k.at[..., 2, 2].set(1.0)
+  k = intrinsics_from_points(points, mask, iterations=focal_iterations)
   world = jnp.einsum("bnij,bnhwj->bnhwi", poses[..., :3, :3], points) + poses[
       ..., None, None, :3, 3]
   return dict(local_points=points, camera_poses=poses, global_points=world, intrinsics=k,

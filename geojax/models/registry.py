@@ -27,7 +27,11 @@ What a family provides (only ``name``, ``build`` and ``predict`` are required):
 - ``predicts(config)``: the output kinds the model produces (:data:`OUTPUT_KINDS`), from which
   the evaluator picks its metric groups;
 - ``make_task(config)``: the training task (``task.loss_fn(model, batch, rng) -> (loss, aux)``,
-  ``task.family``) for ``train.py``; ``model_config(config.model)`` the stored model config;
+  ``task.family``; optionally ``task.step_inputs()``: arrays every step reads but never updates,
+  such as a distillation teacher's weights, added to each batch) for ``train.py``;
+  ``model_config(config.model)`` the stored model config; ``initialize(model, config.init)``:
+  initial weights from the family's own sources (e.g. a merge of other models' checkpoints), a
+  model to copy from or ``None``;
 - ``eval_options``: its inference options with their defaults, which ``configs/evaluate.py``
   exposes as ``model.*`` fields; ``demo``: its ``make demo-<family>`` run (:class:`Demo`),
   which trains ``configs/<family>.py:<config_arg>`` (the family's training config, big_vision
@@ -35,8 +39,9 @@ What a family provides (only ``name``, ``build`` and ``predict`` are required):
 
 Standard keys of ``predictor`` outputs: ``depth`` ``(S, H, W)`` z-depth, ``depth_conf``,
 ``extrinsics`` ``(S, 4, 4)`` world-to-camera and ``intrinsics`` ``(S, 3, 3)`` pixels, ``sky``,
-``normals`` ``(S, H, W, 3)`` camera-frame unit normals, ``tracks`` ``(S, P, 3)`` world points of
-the ground truth's query points with ``track_visible`` ``(S, P)``.
+``normals`` ``(S, H, W, 3)`` camera-frame unit normals, ``local_points`` ``(S, H, W, 3)``
+camera-frame point maps (the ``pointmap`` metrics use them, else depth), ``tracks``
+``(S, P, 3)`` world points of the ground truth's query points with ``track_visible`` ``(S, P)``.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Family:
   make_task: Callable[[Any], Any] | None = None
   model_config: Callable[[Any], dict[str, Any]] | None = None
   train_config: Callable[[str | None], Any] | None = None
+  initialize: Callable[[nnx.Module, Any], nnx.Module | None] | None = None
   eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   demo: Demo | None = None
 
@@ -233,7 +239,8 @@ def _predictor_from_predict(family: Family, model: nnx.Module, options: dict[str
       raise ValueError(f"family {family.name!r}: tracks need a predictor that works at the input "
                        f"resolution (predicted {pw}x{ph} for {w}x{h} inputs)")
     out = {"depth": resize_map(pred.depth, h, w)}
-    for key, value in (("depth_conf", pred.depth_conf), ("sky", pred.sky)):
+    for key, value in (("depth_conf", pred.depth_conf), ("sky", pred.sky),
+                       ("local_points", pred.local_points)):
       if value is not None:
         out[key] = resize_map(value, h, w)
     if pred.normals is not None:

@@ -31,12 +31,14 @@ _CACHE: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionar
 
 def compiled_call(model: nnx.Module, static: tuple[tuple[str, Any], ...], args: tuple,
                   mesh: jax.sharding.Mesh | None = None,
-                  keep: tuple[str, ...] | None = None) -> Callable[..., Any]:
-  """``f(*args)`` = ``model(*args, **dict(static))`` (only the ``keep`` keys of a dict result),
+                  keep: tuple[str, ...] | None = None,
+                  fn: Callable[..., Any] | None = None) -> Callable[..., Any]:
+  """``f(*args)`` = ``model(*args, **dict(static))`` (or ``fn(model, *args, **dict(static))``,
+  e.g. a model's ``infer`` with its post-processing; only the ``keep`` keys of a dict result),
   compiled ahead of time for these argument shapes and ``mesh`` (parameters replicated over
   it) and cached while the model lives; ``None`` arguments stay ``None``."""
   per_model = _CACHE.setdefault(model, {})
-  key = (static, keep, jax.tree.map(lambda a: (a.shape, str(a.dtype)), args),
+  key = (fn, static, keep, jax.tree.map(lambda a: (a.shape, str(a.dtype)), args),
          None if mesh is None else (mesh.axis_names, mesh.axis_sizes, tuple(mesh.device_ids.flat)))
   if key not in per_model:
     graphdef, state = nnx.split(model)
@@ -45,7 +47,8 @@ def compiled_call(model: nnx.Module, static: tuple[tuple[str, Any], ...], args: 
     kwargs = dict(static)
 
     def apply(state, *a):
-      out = nnx.merge(graphdef, state)(*a, **kwargs)
+      m = nnx.merge(graphdef, state)
+      out = m(*a, **kwargs) if fn is None else fn(m, *a, **kwargs)
       return out if keep is None else {name: out[name] for name in keep if name in out}
 
     exe = jax.jit(apply).lower(state, *args).compile()

@@ -13,16 +13,19 @@
 * :class:`LinearPts3d` - per-token linear head unfolded to pixels with torch's pixel-shuffle
   channel order.
 * :class:`TokenSplitter` - DAGE's distillation projector: patch tokens -> 2x finer grid.
+* :func:`encode_patches`, :func:`decoder_positions`, :func:`decode_frames` - the trunk shared
+  by Pi3 and DAGE's LR stream: DINOv2-reg patch tokens, shared registers, alternating decoder.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from geojax.geometry.rotation import svd_orthogonalize
-from geojax.nn import layers
+from geojax.nn import layers, rope
 from geojax.nn.alternating import GLOBAL, LOCAL, run_schedule
 from geojax.nn.stack import LayerStack
 from geojax.nn.vit import Block, BlockConfig
@@ -35,6 +38,35 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
   c = crr // (r * r)
   x = x.reshape(n, h, w, c, r, r).transpose(0, 1, 4, 2, 5, 3)
   return x.reshape(n, h * r, w * r, c)
+
+
+def encode_patches(encoder, images: jax.Array) -> jax.Array:
+  """``(M, h*14, w*14, 3)`` RGB in [0, 1] -> the DINOv2 encoder's normalised patch tokens
+  ``(M, h*w, C)`` (ImageNet normalisation here; cls and registers dropped)."""
+  x = (images.astype(jnp.float32) - layers.IMAGENET_MEAN) / layers.IMAGENET_STD
+  t = encoder.norm(encoder.run_layers(encoder.tokens(x), 0, encoder.depth))
+  return t[:, 1 + encoder.num_registers:]
+
+
+def decoder_positions(grid: tuple[int, int], num_registers: int) -> np.ndarray:
+  """``(R + h*w, 2)`` decoder RoPE positions: registers at (0, 0), patch (r, c) at
+  (r+1, c+1); the same per-frame positions serve frame and global blocks."""
+  return rope.with_special_tokens(rope.grid_positions(*grid, offset=1.0), num_registers)
+
+
+def decode_frames(decoder: "AlternatingDecoder", register_token: jax.Array, tokens: jax.Array,
+                  batch: int, grid: tuple[int, int], *, tap: int | None = None,
+                  collect: list | None = None):
+  """Patch tokens ``(B*N, h*w, C)`` -> ``(hidden (B*N, R + h*w, 2C), tapped)``: the ``R``
+  shared ``register_token`` ``(1, 1, R, C)`` prepended to every frame, then ``decoder``.
+  ``tapped``: block ``tap``'s output ``(B, N, R + h*w, C)`` (or ``None``)."""
+  bn, _, c = tokens.shape
+  n = bn // batch
+  r = register_token.shape[2]
+  reg = jnp.broadcast_to(register_token.astype(tokens.dtype), (batch, n, r, c))
+  x = jnp.concatenate([reg, tokens.reshape(batch, n, -1, c)], axis=2)
+  out, tapped = decoder(x, jnp.asarray(decoder_positions(grid, r)), tap=tap, collect=collect)
+  return out.reshape(bn, out.shape[2], -1), tapped
 
 
 class AlternatingDecoder(nnx.Module):

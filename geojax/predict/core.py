@@ -107,6 +107,32 @@ def world_points(depth: np.ndarray, intrinsics: np.ndarray | None,
   return np.asarray(unproject.depth_to_world_points(d, k, jnp.asarray(extrinsics, jnp.float32)))
 
 
+def point_map_prediction(out: dict[str, Any], pixels: np.ndarray, names: list[str],
+                         input_hw: list[tuple[int, int]], *, seconds: float = 0.0
+                         ) -> Prediction:
+  """A :class:`Prediction` from the outputs of a point-map model's ``infer`` (batch 1):
+  ``local_points`` ``(1, S, h, w, 3)``, ``global_points``, ``conf`` logits, ``camera_poses``
+  camera-to-world, ``intrinsics`` normalised by the image size with the principal point as a
+  fraction (0.5 = the centre), optional ``metric_scale``. ``pixels`` ``(S, h, w, 3)``: what the
+  model saw."""
+  s, h, w = pixels.shape[:3]
+  c2w = np.asarray(out["camera_poses"][0], np.float32)
+  w2c = np.asarray(camera.rigid_inverse(jnp.asarray(c2w)), np.float32)
+  kn = np.asarray(out["intrinsics"][0], np.float32)
+  k = np.zeros((s, 3, 3), np.float32)
+  k[:, 0, 0], k[:, 1, 1] = kn[:, 0, 0] * w, kn[:, 1, 1] * h
+  # a normalised principal point of 0.5 is the image centre; geojax pixels have integer centres
+  k[:, 0, 2], k[:, 1, 2], k[:, 2, 2] = kn[:, 0, 2] * w - 0.5, kn[:, 1, 2] * h - 0.5, 1.0
+  local = np.asarray(out["local_points"][0], np.float32)
+  scale = out.get("metric_scale")
+  return Prediction(
+      depth=local[..., 2], depth_conf=np.asarray(jax.nn.sigmoid(out["conf"][0]), np.float32),
+      extrinsics=w2c, intrinsics=k, world_points=np.asarray(out["global_points"][0], np.float32),
+      images=pixels, names=names, input_hw=input_hw, local_points=local,
+      metric_scale=None if scale is None else float(np.asarray(scale).reshape(-1)[0]),
+      seconds=seconds)
+
+
 def homogeneous(ext: np.ndarray) -> np.ndarray:
   """``(S, 3|4, 4)`` -> ``(S, 4, 4)`` float32."""
   return np.asarray(camera.to_homogeneous(jnp.asarray(ext, jnp.float32)))

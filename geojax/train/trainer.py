@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from geojax.data import pipeline
 from geojax.parallel import sharding
@@ -175,6 +177,13 @@ def build_model(config, family, mconfig: dict) -> nnx.Module:
     model, _, _ = registry.load_checkpoint(init.checkpoint, family=family.name, into=model,
                                            what="init.checkpoint")
     logging.info("initialised from geojax checkpoint %s", init.checkpoint)
+  if family.initialize is not None:  # the family's own init sources (e.g. a weight merge)
+    src = family.initialize(model, init)
+    if src is not None:
+      if init.weights or init.checkpoint:
+        raise ValueError("init: the family's merge sources replace init.weights / "
+                         "init.checkpoint; set one or the other")
+      _reshard_like(src, model)
   return model
 
 
@@ -194,7 +203,7 @@ def evaluate_model(config, family, mconfig: dict, model: nnx.Module, out_dir: st
             for i in range(e.num_scenes))
   options = dict(depth_align=e.depth_align, pose_thresholds=tuple(e.pose_thresholds),
                  pointcloud_threshold=e.pointcloud_threshold, pointcloud_max_points=100_000,
-                 max_depth=0.0)
+                 max_depth=0.0, pointmap_align=e.get("pointmap_align", "scale"))
   # The family's inference options, with the eval config's values where it sets them.
   opts = {k: e[k] if k in e else v for k, v in family.eval_options.items()}
   if "process_res" in opts:  # the eval scenes' own size
@@ -286,6 +295,11 @@ def train(config, workdir: str) -> dict[str, Any]:
       if chief:
         print(f"resumed from step {start} ({ckpt.directory})", flush=True)
     step_fn = make_train_step(graphdef, tx, task.loss_fn, ema_decay=ema_decay)
+    # Arrays every step reads but never updates (e.g. a distillation teacher's weights):
+    # replicated once, passed to the step as batch entries (arguments, not baked-in constants).
+    step_inputs = task.step_inputs() if hasattr(task, "step_inputs") else None
+    if step_inputs:
+      step_inputs = jax.device_put(step_inputs, NamedSharding(mesh, P()))
     key = jax.random.key(int(config.seed))
 
     tb = None
@@ -347,6 +361,8 @@ def train(config, workdir: str) -> dict[str, Any]:
           log(f"data exhausted at step {step} (data.pipeline.num_epochs); stopping")
           break
         batch = _device_batch(host_batch, mesh)
+        if step_inputs:
+          batch = dict(batch, **step_inputs)
         state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
         step += 1
         if step == start + 2:  # the first steps include compilation
