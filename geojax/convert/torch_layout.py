@@ -4,7 +4,7 @@ A converter supplies ``rules``: ``(regex, replacement)`` pairs that turn a geoja
 (dotted, leaf renamed ``kernel``/``scale`` -> ``weight``) into the official key, with ``{i}``
 standing for the layer index of a scanned :class:`~geojax.nn.stack.LayerStack`. Layout changes:
 Linear ``(out, in)`` -> ``(in, out)``; Conv ``OIHW`` -> ``HWIO``; transposed convs (a parent
-module named ``up``) ``(in, out, kh, kw)`` -> ``(in, kh, kw, out)``; stacked layers along a
+module named ``up``, ``resize0`` or ``resize1``) ``(in, out, kh, kw)`` -> ``(in, kh, kw, out)``; stacked layers along a
 leading axis. Only safetensors is read; pickles go through ``geojax convert`` once.
 """
 
@@ -36,7 +36,7 @@ def _kind(parts: tuple[str, ...], ndim: int) -> str:
     return "plain"
   if ndim == 2:
     return "linear"
-  if len(parts) >= 2 and parts[-2] == "up":
+  if len(parts) >= 2 and parts[-2] in ("up", "resize0", "resize1"):  # MoGe / DPT upsamplers
     return "convT"
   return "conv"
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from geojax.nn.stack import LayerStack, unstack
+from geojax.nn.stack import LayerStack, run_together, unstack
 from geojax.parallel.sharding import shard_views
 
 LOCAL, GLOBAL = "local", "global"
@@ -96,3 +96,18 @@ def run_schedule(stack: LayerStack, x: jax.Array, local_x: jax.Array, *, start: 
       carry = stack.run(carry, body_local if kind == LOCAL else body_global, i, i + n)
       i += n
   return carry
+
+
+def run_frame_global(frame: LayerStack, glob: LayerStack, x: jax.Array, *, start: int,
+                     stop: int, pos_local: jax.Array | None = None,
+                     pos_global: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """VGGT's aggregator order with separate block lists: for ``i`` in ``start .. stop-1``, frame
+  block ``i`` (local) then global block ``i``. ``x`` ``(B, S, N, C)``; returns
+  ``(global block stop-1's output, frame block stop-1's output)``."""
+
+  def body(carry, blocks):
+    f, g = blocks
+    y = local_attention(f, carry[0], pos_local)
+    return (global_attention(g, y, pos_global), y)
+
+  return run_together((frame, glob), (x, x), body, start, stop)

@@ -181,21 +181,23 @@ class DPTHead(nnx.Module):
   """Single-chain DPT: prediction (+ confidence) and optional sky map at full resolution.
 
   DA3 mono/metric: ``norm=False, pos_embed=False, output_dim=1, sky=True``;
-  DA3 GS-DPT: ``pos_embed=True, output_dim=38, image_merger=True``.
+  DA3 GS-DPT: ``pos_embed=True, output_dim=38, image_merger=True``;
+  VGGT / URGT: ``norm=True, pos_embed=True, relu_inplace=True`` (``activation="linear"`` for
+  URGT's offsets).
   """
 
   def __init__(self, dim_in: int, *, rngs: nnx.Rngs, out_channels=(256, 512, 1024, 1024),
                features: int = 256, output_dim: int = 1, norm: bool = False,
                pos_embed: bool = False, sky: bool = False, image_merger: bool = False,
                activation: str = "exp", conf_activation: str = "expp1",
-               sky_activation: str = "relu", patch: int = 14):
+               sky_activation: str = "relu", patch: int = 14, relu_inplace: bool = False):
     self.patch, self.pos_embed = patch, pos_embed
     self.output_dim = output_dim
     self.activation, self.conf_activation = activation, conf_activation
     self.sky_activation = sky_activation
     self.reassemble = Reassemble(dim_in, out_channels, features, rngs=rngs, norm=norm,
                                  pos_embed=pos_embed)
-    self.fusion = FusionChain(features, rngs=rngs)
+    self.fusion = FusionChain(features, rngs=rngs, relu_inplace=relu_inplace)
     self.output_conv1 = layers.conv(features, features // 2, 3, rngs=rngs)
     self.output_conv2 = OutputConv2(features // 2, output_dim, rngs=rngs)
     self.sky_output_conv2 = OutputConv2(features // 2, 1, rngs=rngs) if sky else None

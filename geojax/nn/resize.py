@@ -15,6 +15,7 @@ Coordinates are computed on the host in float32 from static shapes, like torch d
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +171,61 @@ def legacy_nearest_index(n_in: int, n_out: int) -> np.ndarray:
   scale = np.float32(n_in) / np.float32(n_out)
   src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
   return np.minimum(src, n_in - 1)
+
+
+def _roi_align_axis(start: float, end: float, size: int, out: int,
+                    sampling_ratio: int) -> np.ndarray:
+  """(out, size) weights of torchvision's ``roi_align`` along one axis (already shifted by the
+  ``aligned`` half pixel): ``grid`` bilinear samples per bin, averaged; samples outside
+  ``[-1, size]`` contribute 0, coordinates <= 0 clamp to 0, the upper neighbour clamps at the
+  last index."""
+  length = end - start
+  bin_size = length / out
+  grid = sampling_ratio if sampling_ratio > 0 else max(int(math.ceil(length / out)), 1)
+  m = np.zeros((out, size), np.float64)
+  for p in range(out):
+    for i in range(grid):
+      y = start + p * bin_size + (i + 0.5) * bin_size / grid
+      if y < -1.0 or y > size:
+        continue
+      y = max(y, 0.0)
+      lo = int(y)
+      if lo >= size - 1:
+        lo = hi = size - 1
+        y = float(lo)
+      else:
+        hi = lo + 1
+      ly = y - lo
+      m[p, lo] += (1.0 - ly) / grid
+      m[p, hi] += ly / grid
+  return m
+
+
+def roi_align_matrices(box, in_hw: tuple[int, int], out_hw: tuple[int, int], *,
+                       aligned: bool = True, sampling_ratio: int = -1
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """``torchvision.ops.roi_align`` (``spatial_scale`` 1) of one box ``(x0, y0, x1, y1)`` as two
+  matrices ``(Wy (out_h, H), Wx (out_w, W))``: ``out = Wy @ x @ Wx^T`` per channel. The op is
+  separable because its bilinear samples lie on a product grid and the bin average divides by
+  the full sample count."""
+  off = 0.5 if aligned else 0.0
+  x0, y0, x1, y1 = (float(v) for v in box)
+  wy = _roi_align_axis(y0 - off, y1 - off if aligned else max(y1 - y0, 1.0) + y0 - off,
+                       in_hw[0], out_hw[0], sampling_ratio)
+  wx = _roi_align_axis(x0 - off, x1 - off if aligned else max(x1 - x0, 1.0) + x0 - off,
+                       in_hw[1], out_hw[1], sampling_ratio)
+  return wy, wx
+
+
+def roi_align(x: jax.Array, boxes, out_hw: tuple[int, int], *, aligned: bool = True,
+              sampling_ratio: int = -1) -> jax.Array:
+  """Crops of a channels-last map ``x`` ``(H, W, C)`` for static ``boxes`` ``(S, 4)`` (pixels,
+  ``x0, y0, x1, y1``) resampled to ``out_hw`` as ``torchvision.ops.roi_align`` does (CPU kernel
+  semantics, ``spatial_scale`` 1; :func:`roi_align_matrices`). Returns ``(S, oh, ow, C)``."""
+  h, w = x.shape[:2]
+  mats = [roi_align_matrices(b, (h, w), out_hw, aligned=aligned, sampling_ratio=sampling_ratio)
+          for b in np.asarray(boxes, np.float64)]
+  wy = jnp.asarray(np.stack([m[0] for m in mats]), jnp.float32)
+  wx = jnp.asarray(np.stack([m[1] for m in mats]), jnp.float32)
+  return jnp.einsum("sph,hwc,sqw->spqc", wy, x.astype(jnp.float32), wx,
+                    precision=jax.lax.Precision.HIGHEST)

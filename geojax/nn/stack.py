@@ -94,6 +94,39 @@ class LayerStack(nnx.Module):
     return carry
 
 
+def run_together(stacks: tuple[LayerStack, ...], carry: Any,
+                 body: Callable[[Any, tuple[nnx.Module, ...]], Any], start: int = 0,
+                 stop: int | None = None) -> Any:
+  """``carry = body(carry, (stacks[0].layer(i), stacks[1].layer(i), ...))`` for ``i`` in
+  ``start .. stop-1``: stacks of equal depth walked in lockstep (VGGT's separate frame and
+  global block lists). Scanned, reading each layer in place, when the first stack scans."""
+  depth = stacks[0].depth
+  if any(st.depth != depth for st in stacks):
+    raise ValueError(f"stacks of different depths {[st.depth for st in stacks]}")
+  stop = depth if stop is None else stop
+  if stop <= start:
+    return carry
+  split = [nnx.split(st.layers) for st in stacks]
+
+  def take(i):
+    return tuple(nnx.merge(gd, jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), st)) for gd, st in split)
+
+  if not stacks[0].scan:
+    for i in range(start, stop):
+      carry = body(carry, take(i))
+    return carry
+
+  def step(c, i):
+    return body(c, take(i)), None
+
+  policy = remat_policy(stacks[0].remat)
+  if policy is not None:
+    step = jax.checkpoint(step, policy=policy)
+  carry, _ = jax.lax.scan(step, carry, jnp.arange(start, stop))
+  return carry
+
+
 def unstack(block: nnx.Module, n: int) -> list[nnx.Module]:
   """Split a block with stacked parameters (leading axis ``n``) into ``n`` blocks."""
   gd, st = nnx.split(block)

@@ -190,11 +190,16 @@ class DinoV2(nnx.Module):
       grid = resize.resize_pos_embed_antialias(grid, (h, w))
     return jnp.concatenate([pe[:, :1], grid.reshape(1, h * w, -1)], axis=1)
 
-  def tokens(self, images: jax.Array) -> jax.Array:
-    """``(N, H, W, 3)`` -> ``(N, 1 + R + h*w, C)``: cls, registers (no pos-embed), patches."""
+  def tokens(self, images: jax.Array, extra: jax.Array | None = None) -> jax.Array:
+    """``(N, H, W, 3)`` -> ``(N, 1 + R + h*w, C)``: cls, registers (no pos-embed), patches.
+
+    ``extra``: ``(N, h*w, C)`` added to the patch embedding before the cls token and the
+    position embedding (URGT's depth / normal prior embeddings)."""
     n, hh, ww, _ = images.shape
     h, w = hh // self.patch, ww // self.patch
     x = self.patch_embed(images).astype(jnp.float32)
+    if extra is not None:
+      x = x + extra.astype(jnp.float32)
     cls = jnp.broadcast_to(self.cls_token[...], (n, 1, self.dim))
     x = jnp.concatenate([cls, x], axis=1) + self.interpolated_pos_embed(h, w)
     if self.register_tokens is not None:
