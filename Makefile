@@ -52,6 +52,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/da3_views.py --preset da3-tiny --res 140x210 --views 2,4,8,16,32
 	$(PY) bench/attention.py
 	$(PY) bench/dage.py --preset dage-tiny --pi3-preset pi3-tiny --frames 2,4,8,16 --res 140x252
+	$(PY) bench/urgt.py --preset urgt-tiny --attn chunked --res 1080x1920,2160x3840,4320x7680
 
 clean:
 	rm -rf $(VENV) outputs runs/demo runs/demo-* .pytest_cache

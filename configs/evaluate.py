@@ -24,9 +24,10 @@ Fields:
     (needed by the ``track`` group).
   data.max_depth: ground-truth depth above this is ignored (0 = no limit).
   metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``, ``pointmap``,
-    ``normal``, ``track``) or ``all``; groups that do not apply to the model's outputs are
-    skipped (with a note for the geometry groups), and ``normal`` / ``track`` need ground-truth
-    normals / tracks in the scenes.
+    ``normal``, ``track``, ``edge``, ``seam``) or ``all``; groups that do not apply to the
+    model's outputs are skipped (with a note for the geometry groups), ``normal`` / ``track``
+    need ground-truth normals / tracks in the scenes, and ``seam`` a model that refines crops
+    (URGT; a provisional metric).
   depth_align: alignment of predicted to GT depth per view before depth metrics:
     ``none``, ``median``, ``scale``, ``scale_shift`` or ``disparity_affine``.
   pose_thresholds: AUC thresholds in degrees.

@@ -49,7 +49,7 @@ def test_cli_writes_table_json_csv_pictures(tmp_path):
   assert "rel_p" in r.stdout
   res = json.loads((out / "results.json").read_text())
   assert len(res["scenes"]) == 2
-  assert res["groups"] == ["depth", "pose", "pointcloud", "pointmap"]
+  assert res["groups"] == ["depth", "pose", "pointcloud", "pointmap", "edge"]
   for k in ("abs_rel", "delta1", "auc03", "auc30", "ate", "accuracy", "fscore", "rel_p",
             "delta_p"):
     assert np.isfinite(res["mean"][k]), k
@@ -107,7 +107,8 @@ def test_depth_only_model_skips_pose(tmp_path):
   """Groups a model cannot answer are skipped with a note, not faked."""
   from geojax.eval import evaluator
   groups, notes = evaluator.parse_groups("all", ("depth",))
-  assert groups == ("depth", "pointcloud", "pointmap") and "pose" in notes[0]
+  assert groups == ("depth", "pointcloud", "pointmap", "edge") and "pose" in notes[0]
+  assert "seam" not in groups  # needs a model that refines crops
   with pytest.raises(ValueError, match="unknown metric group"):
     evaluator.parse_groups("depth,chamfer", ("depth",))
 
@@ -179,3 +180,13 @@ def test_pointmap_group():
                        ("pointmap",), {"pointmap_align": "scale"}, None, False)
   assert rows[0]["scene"] == "s0" and set(rows[0]) == {"scene", "rel_p", "delta_p"}
   assert rows[0]["rel_p"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_seam_error_is_relative_crop_disagreement():
+  """Two crops overlapping on 2 columns, depths 1 and 1.5: |1 - 1.5| over the mean depth; no
+  overlap gives NaN (grid mode)."""
+  from geojax.eval import evaluator
+  patches = np.stack([np.full((4, 4), 1.0), np.full((4, 4), 1.5)])
+  boxes = np.array([[0, 0, 4, 4], [2, 0, 6, 4]])
+  assert evaluator.seam_error(patches, boxes) == pytest.approx(0.5 / 1.25)
+  assert np.isnan(evaluator.seam_error(patches, np.array([[0, 0, 4, 4], [4, 0, 8, 4]])))

@@ -152,3 +152,29 @@ def test_other_splits(tiny, split, overlap, crops):
   for k in range(crops):
     np.testing.assert_array_equal(pos[k, 5], [(k // n) * 2 + 1, (k % n) * 2 + 1])
   assert res["depth"].shape == (1, 84, 84) and bool(jnp.isfinite(res["normal"]).all())
+
+
+def test_training_start_refines_to_the_prior():
+  """After init_training_start the prior embeddings and the heads' last convs are N(0, 1e-4)
+  with zero biases, so in grid mode with crops at their native size (where cropping and
+  resizing back are exact) the refinement returns the priors up to tiny offsets; a randomly
+  initialised head does not."""
+  import jax
+  from flax import nnx
+
+  from geojax.models import urgt
+  keys = jax.random.split(jax.random.key(0), 3)
+  image = jax.random.uniform(keys[0], (1, 56, 56, 3))
+  depth = jax.random.uniform(keys[1], (1, 56, 56))
+  normal = jax.random.normal(keys[2], (1, 56, 56, 3))
+  opts = dict(patch_split=(2, 2), overlap=False, crop_size=28)
+  model = urgt.URGT.from_preset("urgt-tiny", rngs=nnx.Rngs(0))
+  random_out = urgt.refine(model, image, depth, normal, **opts)
+  model = urgt.init_training_start(model)
+  k = model.depth_head.output_conv2.conv2
+  assert float(jnp.abs(k.bias[...]).max()) == 0.0
+  assert 0 < float(jnp.std(k.kernel[...])) < 2e-4
+  out = urgt.refine(model, image, depth, normal, **opts)
+  np.testing.assert_allclose(out["depth"], depth, atol=1e-2)
+  np.testing.assert_allclose(out["normal"], normal, atol=1e-2)
+  assert float(jnp.abs(random_out["depth"] - depth).max()) > 0.1

@@ -48,8 +48,12 @@ def config_from_reference(reference: Mapping[str, Any], **overrides) -> urgt_lib
   """The :class:`~geojax.models.urgt.URGTConfig` of a reference run, from its parsed
   ``config.json`` (the layout of ``shared/fixtures/urgt/config.json``: ``vggt_joint_kwargs``,
   ``aggregator_overrides``, ``dino_patch_embed``, ``depth_head`` / ``normal_head``). Unset parts
-  keep the released sizes; ``overrides``: runtime fields (``attn_impl``, ``scan``, ...)."""
+  keep the released sizes, or those of the preset named by ``model_name`` (what
+  ``geojax convert --preset`` records); ``overrides``: runtime fields (``attn_impl``, ...)."""
   f: dict[str, Any] = {}
+  base = urgt_lib.URGTConfig()
+  if reference.get("model_name"):
+    base = urgt_lib.get_config(str(reference["model_name"]))
   vj = reference.get("vggt_joint_kwargs", {})
   if vj.get("patch_size", urgt_lib.PATCH) != urgt_lib.PATCH:
     raise ValueError(f"patch_size {vj['patch_size']}: URGT's DINOv2 uses 14")
@@ -76,7 +80,7 @@ def config_from_reference(reference: Mapping[str, Any], **overrides) -> urgt_lib
     f.update(head_features=int(h["features"]), head_out_channels=tuple(h["out_channels"]),
              head_layers=tuple(h["intermediate_layer_idx"]))
   f.update(overrides)
-  return dataclasses.replace(urgt_lib.URGTConfig(), **f)
+  return dataclasses.replace(base, **f)
 
 
 def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,13 @@ Used by ``evaluate.py``. Metric groups:
   ``delta_p`` (:func:`geojax.eval.metrics.pointmap_metrics`, threshold 0.25);
 - ``normal`` (models that predict normals, scenes with GT ``normals``): angular error on valid
   pixels (:func:`geojax.eval.metrics.normal_metrics`), keys prefixed ``normal_``;
+- ``edge``: the edge-aware Chamfer distance on GT depth edges
+  (:func:`geojax.eval.metrics.edge_chamfer`, prediction aligned as ``depth_align``, scale and
+  shift when that is ``none``), keys prefixed ``edge_``;
+- ``seam`` (models that return per-crop predictions, URGT): ``seam_ce_provisional``, the mean
+  absolute depth difference between overlapping crops relative to the mean depth
+  (:func:`seam_error`); a stand-in for the paper's Consistency Error, whose definition is not
+  published, so not comparable with its numbers;
 - ``track`` (models that predict 3D tracks, scenes with GT ``tracks``): each GT track is queried
   at the first frame it is visible in (``track_queries`` ``(P, 3)`` ``(t, u, v)`` passed to the
   predictor), and the predicted world tracks, moved into each frame's camera (predicted cameras
@@ -40,10 +47,10 @@ from geojax.eval import metrics as M
 from geojax.geometry import alignment, unproject
 from geojax.io import visualize as viz
 
-GROUPS = ("depth", "pose", "pointcloud", "pointmap", "normal", "track")
+GROUPS = ("depth", "pose", "pointcloud", "pointmap", "normal", "track", "edge", "seam")
 NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth", "pointmap": "depth",
-         "normal": "normals", "track": "tracks"}
-DEPTH_GROUPS = ("depth", "pointcloud", "pointmap")  # groups scored against GT depth
+         "normal": "normals", "track": "tracks", "edge": "depth", "seam": "patches"}
+DEPTH_GROUPS = ("depth", "pointcloud", "pointmap", "edge")  # groups scored against GT depth
 GT_KEYS = {"normal": "normals", "track": "tracks"}  # scene keys those groups need
 
 
@@ -121,7 +128,42 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     out.update(M.pointcloud_metrics(aligned, g_pts, threshold=options["pointcloud_threshold"]))
   if "pointmap" in groups:
     out.update(pointmap_scores(pred, scene, mask, options.get("pointmap_align", "scale")))
+  if "edge" in groups:
+    out.update(edge_scores(pred, scene, mask, options["depth_align"]))
+  if "seam" in groups and "patch_depth" in pred:
+    out["seam_ce_provisional"] = float(np.mean([
+        seam_error(p, b) for p, b in zip(pred["patch_depth"], pred["patch_boxes"])]))
   return out
+
+
+def edge_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask: np.ndarray,
+                align: str) -> dict[str, float]:
+  """Edge-aware Chamfer distance (:func:`geojax.eval.metrics.edge_chamfer`, GT intrinsics)
+  averaged over the views that have GT depth edges; keys prefixed ``edge_``."""
+  align = "scale_shift" if align == "none" else align
+  rows = []
+  for i in range(scene["depth"].shape[0]):
+    try:
+      rows.append(M.edge_chamfer(pred["depth"][i], scene["depth"][i], scene["intrinsics"][i],
+                                 mask[i], align=align))
+    except ValueError:  # no valid pixel on a GT edge in this view (a flat view)
+      continue
+  if not rows:
+    return {}
+  return {f"edge_{k}": float(np.mean([r[k] for r in rows]))
+          for k in ("chamfer", "accuracy", "completeness")}
+
+
+def seam_error(patches: np.ndarray, boxes: np.ndarray) -> float:
+  """Provisional seam error of one image: the mean over its crops' overlaps of the mean
+  absolute difference of the crops' depths (:func:`geojax.eval.metrics.consistency_error`),
+  relative to the mean absolute depth of the crops (so that it has no units); NaN without
+  overlapping crops (grid mode)."""
+  try:
+    ce = M.consistency_error(list(patches), boxes)
+  except ValueError:
+    return float("nan")
+  return ce / max(float(np.mean(np.abs(patches[np.isfinite(patches)]))), 1e-12)
 
 
 def pointmap_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask: np.ndarray,

@@ -14,7 +14,8 @@ View parallelism: under a mesh with a ``"view"`` axis (``geojax.parallel.shardin
 make_view_mesh``) the views are split over devices from the images on: patch embedding, local
 blocks and the DPT heads run on each device's own views, global blocks gather keys/values only
 (``geojax.nn.attention.attend``). ``head_chunk`` bounds the heads' activation memory: they run
-over the flattened ``B*S`` views a few at a time in a ``lax.scan`` (see :func:`_map_view_chunks`).
+over the flattened ``B*S`` views a few at a time in a ``lax.scan``
+(:func:`geojax.nn.views.map_in_view_chunks`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from geojax.nn.alternating import GLOBAL, LOCAL, run_schedule
 from geojax.nn.dpt import DPTHead, DualDPTHead
 from geojax.nn.stack import LayerStack
 from geojax.nn.vit import Block, BlockConfig, DinoV2, Mlp
-from geojax.parallel.sharding import create, creation_context, shard_views, view_axis_size
+from geojax.parallel.sharding import create, creation_context, shard_views
 
 PATCH = 14
 VIT = {  # name: (dim, depth, heads, ffn)
@@ -269,42 +270,6 @@ def _check_inputs(images, extrinsics, intrinsics):
                        f"{tuple(intrinsics.shape)}")
 
 
-def _map_view_chunks(module: nnx.Module, call: Callable[[nnx.Module, list], Any],
-                     inputs: Sequence[jax.Array], chunk: int) -> Any:
-  """``call(module, inputs)`` over the leading (view) axis ``V`` of ``inputs``, ``chunk`` at a time.
-
-  The views are padded with zeros to ``steps * chunk`` and laid out as ``(chunk, steps)`` -
-  view ``i * steps + j`` at ``[i, j]`` - and a ``lax.scan`` runs over ``j``. The scanned axis is
-  therefore never the one split over devices: with ``V`` split over ``n`` devices in contiguous
-  blocks and ``n | chunk``, axis ``i`` carries exactly that split, and every step processes
-  ``chunk / n`` views on every device without moving data (scanning a ``(steps, chunk)`` layout
-  would instead hand each step to one device after another). The module enters the loop as
-  ``nnx.split`` state, merged inside the body, so nothing is mutated across the trace boundary.
-  Every output must have the leading view axis; padded views are dropped.
-  """
-  v = inputs[0].shape[0]
-  steps = -(-v // chunk)
-  pad = steps * chunk - v
-  graphdef, state = nnx.split(module)
-
-  def to_chunks(t):
-    if pad:
-      t = jnp.pad(t, ((0, pad),) + ((0, 0),) * (t.ndim - 1))
-    t = shard_views(t, 0).reshape(chunk, steps, *t.shape[1:])
-    return shard_views(jnp.swapaxes(t, 0, 1), 1)  # (steps, chunk, ...), scan over steps
-
-  def from_chunks(t):
-    t = shard_views(jnp.swapaxes(t, 0, 1), 0).reshape(chunk * steps, *t.shape[2:])
-    return shard_views(t[:v], 0)
-
-  def body(carry, xs):
-    out = call(nnx.merge(graphdef, state), [shard_views(t, 0) for t in xs])
-    return carry, jax.tree.map(lambda t: shard_views(t, 0), out)
-
-  _, out = jax.lax.scan(body, None, [to_chunks(t) for t in inputs])
-  return jax.tree.map(from_chunks, out)
-
-
 class DA3(nnx.Module):
   """A DA3 network (any-view or monocular/metric). Build with :meth:`from_preset`."""
 
@@ -420,13 +385,7 @@ class DA3(nnx.Module):
                 inputs: list[jax.Array]) -> Any:
     """``call(head, inputs)`` on flattened ``(B*S, ...)`` views, in ``cfg.head_chunk`` chunks
     when that is smaller than the view count (rounded up to a multiple of the view devices)."""
-    v, chunk = inputs[0].shape[0], self.cfg.head_chunk
-    n = view_axis_size()
-    if chunk and n > 1 and v % n == 0:
-      chunk = -(-chunk // n) * n
-    if 0 < chunk < v:
-      return _map_view_chunks(head, call, inputs, chunk)
-    return call(head, inputs)
+    return views.map_in_view_chunks(head, call, inputs, self.cfg.head_chunk)
 
   @staticmethod
   def _fill_sky(depth, sky, threshold: float = 0.3):

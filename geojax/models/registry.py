@@ -41,7 +41,9 @@ Standard keys of ``predictor`` outputs: ``depth`` ``(S, H, W)`` z-depth, ``depth
 ``extrinsics`` ``(S, 4, 4)`` world-to-camera and ``intrinsics`` ``(S, 3, 3)`` pixels, ``sky``,
 ``normals`` ``(S, H, W, 3)`` camera-frame unit normals, ``local_points`` ``(S, H, W, 3)``
 camera-frame point maps (the ``pointmap`` metrics use them, else depth), ``tracks``
-``(S, P, 3)`` world points of the ground truth's query points with ``track_visible`` ``(S, P)``.
+``(S, P, 3)`` world points of the ground truth's query points with ``track_visible`` ``(S, P)``,
+``patch_depth`` / ``patch_boxes`` (one entry per view) per-crop depths ``(K, ph, pw)`` and crop
+boxes ``(K, 4)`` of a model that refines crops (kind ``patches``; the ``seam`` metric).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from geojax.nn.layers import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-expo
 
 # What a family can produce; ``Family.predicts`` returns a subset.
 OUTPUT_KINDS = ("depth", "confidence", "cameras", "points", "local_points", "normals", "tracks",
-                "metric_scale", "sky")
+                "metric_scale", "sky", "patches")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,12 @@
 Network conventions: crops ``(B, S, P, P, 3)`` RGB in [0, 1], priors ``(B, S, P, P, 1)`` (depth,
 min-max normalised) and ``(B, S, P, P, 3)`` (unit normals); outputs at ``P x P``.
 :func:`refine` is the image-level entry point (crops, priors, offsets, stitching).
+
+Scale: under a mesh with a ``"view"`` axis (:func:`geojax.parallel.sharding.make_view_mesh`) the
+crops are split over devices as DA3's views are - patch embedding, frame blocks and heads on
+each device's own crops, global blocks gathering keys and values - when the device count
+divides the crop count (an 8 x 8 grid: 64 crops; the 8 x 8 overlap split: 121 = 11 x 11).
+``head_chunk`` runs the heads a few crops at a time.
 """
 
 from __future__ import annotations
@@ -29,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from geojax.nn import layers, resize, rope
+from geojax.nn import layers, resize, rope, views
 from geojax.nn.alternating import run_frame_global
 from geojax.nn.dpt import DPTHead
 from geojax.nn.stack import LayerStack
 from geojax.nn.vit import Block, BlockConfig, DinoV2, PatchEmbed
-from geojax.parallel.sharding import create
+from geojax.parallel.sharding import create, shard_views
 
 PATCH = 14
 NUM_SPECIAL = 5  # camera token + 4 registers per crop
@@ -48,8 +54,9 @@ class URGTConfig:
   ``agg_*``: the aggregator (``agg_depth`` frame and as many global blocks);
   ``head_layers``: the block pairs the DPT heads read; ``head_features`` /
   ``head_out_channels``: their widths. Runtime: ``attn_impl`` (global blocks see
-  ``S * (5 + t*t)`` tokens: ``"chunked"`` on CPU/TPU, ``"cudnn"`` on GPU), ``remat``, ``scan``,
-  ``dtype``."""
+  ``S * (5 + t*t)`` tokens: ``"chunked"`` on CPU/TPU, ``"cudnn"`` on GPU), ``head_chunk``
+  (crops the DPT heads process at a time, 0 = all at once: the heads' activations at ``P x P``
+  dominate memory at many crops), ``remat``, ``scan``, ``dtype``."""
   dim: int = 1024
   img_size: int = 518
   enc_depth: int = 24
@@ -60,11 +67,14 @@ class URGTConfig:
   head_features: int = 256
   head_out_channels: tuple[int, ...] = (256, 512, 1024, 1024)
   attn_impl: str = "xla"
+  head_chunk: int = 0
   remat: str = "none"
   scan: bool = True
   dtype: Any = None
 
   def __post_init__(self):
+    if self.head_chunk < 0:
+      raise ValueError(f"head_chunk must be >= 0 (0 = all crops at once); got {self.head_chunk}")
     if len(self.head_layers) != 4 or max(self.head_layers) >= self.agg_depth:
       raise ValueError(f"head_layers must be 4 block indices below agg_depth={self.agg_depth}; "
                        f"got {self.head_layers}")
@@ -199,15 +209,32 @@ class URGT(nnx.Module):
     if positions.shape != (s, NUM_SPECIAL + t * t, 2):
       raise ValueError(f"positions must have shape {(s, NUM_SPECIAL + t * t, 2)}; got "
                        f"{positions.shape}")
-    flat = lambda a: a.reshape(b * s, *a.shape[2:])
+    flat = lambda a: shard_views(a.reshape(b * s, *a.shape[2:]), 0)
     tokens = self.embed(flat(crops), flat(depth_prior), flat(normal_prior))
-    feats = self.aggregate(tokens.reshape(b, s, t * t, -1), jnp.asarray(positions))
-    feats = [f.reshape(b * s, *f.shape[2:])[:, NUM_SPECIAL:] for f in feats]
-    d = self.depth_head(feats, (p, p))
-    n = self.normal_head(feats, (p, p))
-    shape = (b, s, p, p)
-    return dict(depth=d["pred"].reshape(shape), depth_conf=d["conf"].reshape(shape),
-                normal=n["pred"].reshape(shape + (3,)), normal_conf=n["conf"].reshape(shape))
+    feats = self.aggregate(shard_views(tokens.reshape(b, s, t * t, -1), 1),
+                           jnp.asarray(positions))
+    feats = [flat(f)[:, NUM_SPECIAL:] for f in feats]
+    heads = lambda m, fs: (m.depth_head(fs, (p, p)), m.normal_head(fs, (p, p)))
+    d, n = views.map_in_view_chunks(self, heads, feats, self.cfg.head_chunk)
+    unflat = lambda a: shard_views(a.reshape(b, s, *a.shape[1:]), 1)
+    return dict(depth=unflat(d["pred"][..., 0]), depth_conf=unflat(d["conf"]),
+                normal=unflat(n["pred"]), normal_conf=unflat(n["conf"]))
+
+
+def init_training_start(model: URGT, *, seed: int = 0, std: float = 1e-4) -> URGT:
+  """The paper's training start, in place: the depth and normal prior embeddings and the last
+  conv of both heads get weights N(0, ``std``) and zero biases, so that the prior tokens start
+  almost silent and the offsets almost zero (refined = prior). Call it after loading VGGT-1B
+  (or other) weights into the rest; returns ``model``."""
+  key = jax.random.key(seed)
+  convs = (model.patch_embed_depth.proj, model.patch_embed_normal.proj,
+           model.depth_head.output_conv2.conv2, model.normal_head.output_conv2.conv2)
+  for i, conv in enumerate(convs):
+    w = conv.kernel[...]
+    conv.kernel[...] = (std * jax.random.normal(jax.random.fold_in(key, i), w.shape)).astype(
+        w.dtype)
+    conv.bias[...] = jnp.zeros_like(conv.bias[...])
+  return model
 
 
 def _check(name: str, x, channels: int) -> None:
@@ -291,7 +318,8 @@ def layout_positions(layout: Layout, tokens: int, mode: str = "official") -> np.
 
 def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal: jax.Array, *,
            patch_split: tuple[int, int] = (8, 8), overlap: bool = True, crop_size: int = 518,
-           rope_positions: str = "official") -> dict[str, jax.Array]:
+           rope_positions: str = "official", return_patches: bool = False
+           ) -> dict[str, jax.Array]:
   """Refine coarse depth and normals of whole images, as the official ``URGTModel.forward``.
 
   Args:
@@ -304,6 +332,8 @@ def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal
       default) or the plain grid; crop_size: side the crops are resized to (518 for the
       released weights; a multiple of 14).
     rope_positions: ``"official"`` or ``"true"`` (:func:`layout_positions`).
+    return_patches: also return ``depth_patches`` ``(B, S, ph, pw)``, every crop's refined depth
+      at its native size before stitching (what a seam metric compares).
 
   Returns ``depth`` ``(B, H, W)`` and ``normal`` ``(B, H, W, 3)`` (prior + offset, stitched by a
   uniform average; normals not re-normalised, channels in the prior's order), and the
@@ -337,7 +367,10 @@ def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal
   if overlap:  # the official uniform average, sum / (count + 1e-8)
     inv = jnp.asarray(1.0 / (count + np.float32(1e-8)))
     depth, normal = depth * inv, normal * inv
-  return dict(depth=depth[..., 0], normal=normal, layout=layout)
+  out = dict(depth=depth[..., 0], normal=normal, layout=layout)
+  if return_patches:
+    out["depth_patches"] = depth_patches[..., 0]
+  return out
 
 
 def _image_check(image, coarse_depth, coarse_normal):

@@ -223,9 +223,19 @@ def roi_align(x: jax.Array, boxes, out_hw: tuple[int, int], *, aligned: bool = T
   ``x0, y0, x1, y1``) resampled to ``out_hw`` as ``torchvision.ops.roi_align`` does (CPU kernel
   semantics, ``spatial_scale`` 1; :func:`roi_align_matrices`). Returns ``(S, oh, ow, C)``."""
   h, w = x.shape[:2]
-  mats = [roi_align_matrices(b, (h, w), out_hw, aligned=aligned, sampling_ratio=sampling_ratio)
-          for b in np.asarray(boxes, np.float64)]
-  wy = jnp.asarray(np.stack([m[0] for m in mats]), jnp.float32)
-  wx = jnp.asarray(np.stack([m[1] for m in mats]), jnp.float32)
-  return jnp.einsum("sph,hwc,sqw->spqc", wy, x.astype(jnp.float32), wx,
-                    precision=jax.lax.Precision.HIGHEST)
+  x = x.astype(jnp.float32)
+  out = []
+  for b in np.asarray(boxes, np.float64):
+    wy, wx = roi_align_matrices(b, (h, w), out_hw, aligned=aligned,
+                                sampling_ratio=sampling_ratio)
+    # Only the rows and columns a crop's samples touch: a window a little larger than the box,
+    # so the cost is per crop, not per crop times the whole map.
+    ys, xs = np.flatnonzero(wy.any(0)), np.flatnonzero(wx.any(0))
+    if len(ys) == 0 or len(xs) == 0:  # every sample outside the map: all zero
+      out.append(jnp.zeros((*out_hw, x.shape[-1]), jnp.float32))
+      continue
+    y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+    out.append(jnp.einsum("ph,hwc,qw->pqc", jnp.asarray(wy[:, y0:y1], jnp.float32),
+                          x[y0:y1, x0:x1], jnp.asarray(wx[:, x0:x1], jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST))
+  return jnp.stack(out)

@@ -1,4 +1,5 @@
-"""Multi-view helpers: reference-view selection and view reordering (DA3).
+"""Multi-view helpers: reference-view selection and view reordering (DA3), and running a
+module over many views a chunk at a time (:func:`map_in_view_chunks`).
 
 Selection runs on the per-view class/camera token ``x[:, :, 0]`` of ``(B, S, N, C)`` tokens.
 
@@ -21,8 +22,13 @@ would all-gather every token of every view onto every device.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from geojax.parallel.sharding import shard_views, view_axis_size
 
 STRATEGIES = ("saddle_balanced", "first", "middle", "saddle_sim_range")
 TIE_TOL = 1e-5
@@ -100,3 +106,54 @@ def restore_views(x: jax.Array, ref: jax.Array) -> jax.Array:
   pos, r = jnp.arange(x.shape[1])[None], ref[:, None]
   out = jnp.where(_view_mask(pos < r, x.ndim), _shift_views(x, -1), x)
   return jnp.where(_view_mask(pos == r, x.ndim), _pick_view(x, jnp.zeros_like(ref)), out)
+
+
+def map_view_chunks(module: nnx.Module, call: Callable[[nnx.Module, list], Any],
+                     inputs: Sequence[jax.Array], chunk: int) -> Any:
+  """``call(module, inputs)`` over the leading (view) axis ``V`` of ``inputs``, ``chunk`` at a time.
+
+  The views are padded with zeros to ``steps * chunk`` and laid out as ``(chunk, steps)`` -
+  view ``i * steps + j`` at ``[i, j]`` - and a ``lax.scan`` runs over ``j``. The scanned axis is
+  therefore never the one split over devices: with ``V`` split over ``n`` devices in contiguous
+  blocks and ``n | chunk``, axis ``i`` carries exactly that split, and every step processes
+  ``chunk / n`` views on every device without moving data (scanning a ``(steps, chunk)`` layout
+  would instead hand each step to one device after another). The module enters the loop as
+  ``nnx.split`` state, merged inside the body, so nothing is mutated across the trace boundary.
+  Every output must have the leading view axis; padded views are dropped.
+  """
+  v = inputs[0].shape[0]
+  steps = -(-v // chunk)
+  pad = steps * chunk - v
+  graphdef, state = nnx.split(module)
+
+  def to_chunks(t):
+    if pad:
+      t = jnp.pad(t, ((0, pad),) + ((0, 0),) * (t.ndim - 1))
+    t = shard_views(t, 0).reshape(chunk, steps, *t.shape[1:])
+    return shard_views(jnp.swapaxes(t, 0, 1), 1)  # (steps, chunk, ...), scan over steps
+
+  def from_chunks(t):
+    t = shard_views(jnp.swapaxes(t, 0, 1), 0).reshape(chunk * steps, *t.shape[2:])
+    return shard_views(t[:v], 0)
+
+  def body(carry, xs):
+    out = call(nnx.merge(graphdef, state), [shard_views(t, 0) for t in xs])
+    return carry, jax.tree.map(lambda t: shard_views(t, 0), out)
+
+  _, out = jax.lax.scan(body, None, [to_chunks(t) for t in inputs])
+  return jax.tree.map(from_chunks, out)
+
+
+def map_in_view_chunks(module: nnx.Module, call: Callable[[nnx.Module, list], Any],
+                       inputs: Sequence[jax.Array], chunk: int) -> Any:
+  """``call(module, inputs)`` on flattened ``(V, ...)`` views, ``chunk`` at a time
+  (:func:`map_view_chunks`) when ``0 < chunk < V``, all at once otherwise. With the views split
+  over a view mesh axis of ``n`` devices (``n | V``) the chunk is rounded up to a multiple of
+  ``n``, so every device processes its own views at every step."""
+  v = inputs[0].shape[0]
+  n = view_axis_size()
+  if chunk and n > 1 and v % n == 0:
+    chunk = -(-chunk // n) * n
+  if 0 < chunk < v:
+    return map_view_chunks(module, call, inputs, chunk)
+  return call(module, inputs)

@@ -25,7 +25,10 @@ from flax import nnx
 
 from geojax.geometry import camera, unproject
 
-MIN_FOV_DEG, MAX_FOV_DEG = 1.0, 179.0  # fields of view outside this range are degenerate
+MIN_FOV_DEG, MAX_FOV_DEG = 1.0, 179.0
+# folders an exported scene already uses (``Prediction.extras`` must not reuse them)
+EXPORT_NAMES = frozenset({"images", "depth", "depth_vis", "confidence", "normals", "point_map",
+                          "point_map_local", "sky", "colmap"})  # fields of view outside this range are degenerate
 
 
 @dataclasses.dataclass
@@ -58,6 +61,9 @@ class Prediction:
     warnings: the degenerate-output messages :func:`run` reported.
     points_from_depth: ``world_points`` were lifted from depth by :func:`run` (the family gave
       no point map of its own).
+    extras: further per-view maps a family returns, ``{name: (S, h, w) or (S, h, w, 3)}``
+      (e.g. URGT's priors next to the refinement); exported as ``<name>/<stem>.npy`` and a
+      picture each.
   """
   depth: np.ndarray
   depth_conf: np.ndarray | None
@@ -77,6 +83,7 @@ class Prediction:
   metric_scale: float | None = None
   warnings: list[str] = dataclasses.field(default_factory=list)
   points_from_depth: bool = False
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def kinds(self) -> tuple[str, ...]:
     """The output kinds present (:data:`geojax.models.registry.OUTPUT_KINDS`)."""
@@ -187,6 +194,14 @@ def _check_prediction(pred: Prediction, family: str) -> None:
     if value is not None and tuple(value.shape) != shape:
       raise ValueError(f"family {family!r} returned {name} of shape {value.shape}; expected "
                        f"{shape}")
+  for name, value in pred.extras.items():
+    if not name.replace("_", "").isalnum() or name in EXPORT_NAMES:
+      raise ValueError(f"family {family!r} returned an extra map named {name!r}; expected an "
+                       f"identifier other than {sorted(EXPORT_NAMES)}")
+    if tuple(value.shape[:3]) != (s, h, w) or value.ndim not in (3, 4) or (
+        value.ndim == 4 and value.shape[-1] != 3):
+      raise ValueError(f"family {family!r} returned extra map {name!r} of shape {value.shape}; "
+                       f"expected {(s, h, w)} or {(s, h, w, 3)}")
   if (pred.extrinsics is None) != (pred.intrinsics is None):
     raise ValueError(f"family {family!r} returned only one of extrinsics and intrinsics")
   if pred.tracks is not None:

@@ -15,6 +15,10 @@
 - ``point_map/<stem>.npy`` (float32 world point map) and ``point_map_local/<stem>.npy``
   (camera-frame), when the model predicts point maps itself;
 - ``sky/<stem>.npy`` (sky probability), when predicted;
+- ``<name>/<stem>.npy`` and ``<name>/<stem>.png`` for each of the family's extra maps
+  (``Prediction.extras``, e.g. URGT's ``prior_depth``): maps named ``*depth`` coloured on the
+  depth map's range, other scalar maps on their own range (larger is brighter), 3-vectors as
+  normals;
 - ``tracks.npz`` (``tracks`` (S, P, 3) world points, ``visibility`` (S, P), ``queries`` (P, 3)
   ``(t, u, v)``, ``uv`` (S, P, 2) the tracks projected into each frame) and ``tracks.png``
   (the tracks drawn over up to four frames), when the model predicts 3D tracks;
@@ -145,6 +149,7 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
       if pred.normals is not None:
         Image.fromarray(visualize.colorize_normals(pred.normals[i])).save(
             os.path.join(root, "normals", t + ".png"))
+    _write_extras(root, pred, stems, vis_range)
     if pred.tracks is not None:
       _write_tracks(root, pred, ks, ext)
     # cameras.json: the scene-folder file plus prediction metadata.
@@ -206,6 +211,20 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
   return summary
 
 
+def _write_extras(root: str, pred: Prediction, stems: list[str], depth_range) -> None:
+  """``Prediction.extras``: an ``.npy`` and a picture per view and map."""
+  for name, value in pred.extras.items():
+    os.mkdir(os.path.join(root, name))
+    own = None
+    if not name.endswith("depth") and value.ndim == 3:  # larger is brighter (e.g. disparity)
+      own = visualize.depth_range(value)[::-1]
+    for i, t in enumerate(stems):
+      np.save(os.path.join(root, name, t + ".npy"), np.asarray(value[i], np.float32))
+      pic = (visualize.colorize_normals(value[i]) if value.ndim == 4 else
+             visualize.colorize_depth(value[i], value_range=own or depth_range))
+      Image.fromarray(pic).save(os.path.join(root, name, t + ".png"))
+
+
 def _write_tracks(root: str, pred: Prediction, ks: np.ndarray, ext: np.ndarray) -> None:
   """``tracks.npz`` and ``tracks.png`` (tracks projected with the exported cameras)."""
   tracks = np.asarray(pred.tracks, np.float64)
@@ -243,12 +262,15 @@ def _write_index(root: str, pred: Prediction, stems: list[str], summary: dict[st
                     f'<a href="confidence/{t}.png">conf png16</a>')
     if normals:
       arrays.append(f'<a href="normals/{t}.npy">normals npy</a>')
+    arrays += [f'<a href="{n}/{t}.npy">{esc(n)} npy</a>' for n in pred.extras]
+    extra_cells = "".join(f'<td><a href="{n}/{t}.png"><img src="{n}/{t}.png"></a></td>'
+                          for n in pred.extras)
     rows.append(
         f'<tr><td>{esc(pred.names[i])}<br><small>{pred.input_hw[i][1]}x{pred.input_hw[i][0]}'
         f'</small></td><td><a href="images/{t}.png"><img src="images/{t}.png"></a></td>'
         f'<td><a href="depth_vis/{t}.png"><img src="depth_vis/{t}.png"></a></td>'
         + (f'<td><a href="normals/{t}.png"><img src="normals/{t}.png"></a></td>' if normals
-           else "") + f'<td>{"<br>".join(arrays)}</td></tr>')
+           else "") + extra_cells + f'<td>{"<br>".join(arrays)}</td></tr>')
   files = ['<a href="points.ply">points.ply</a>', '<a href="cameras.json">cameras.json</a>',
            '<a href="colmap/cameras.txt">colmap/cameras.txt</a>',
            '<a href="colmap/images.txt">colmap/images.txt</a>',
@@ -268,7 +290,8 @@ def _write_index(root: str, pred: Prediction, stems: list[str], summary: dict[st
             + "".join(f"<li>{esc(m)}</li>" for m in pred.warnings) + "</ul></div>")
   facts = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
                   for k, v in {**summary, **({"model": info} if info else {})}.items())
-  head = "<th>view</th><th>input</th><th>depth</th>" + ("<th>normals</th>" if normals else "")
+  head = ("<th>view</th><th>input</th><th>depth</th>" + ("<th>normals</th>" if normals else "")
+          + "".join(f"<th>{esc(n)}</th>" for n in pred.extras))
   page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>geojax predict: {esc(summary['scene'])}</title>
 <style>
