@@ -11,7 +11,8 @@ evaluate it, save what it sees.
    (image | GT depth | predicted depth | error).
 3. Writes the trained model's predictions for the held-out scenes as ``.npz`` and depth PNGs
    under ``<workdir>/predictions/``, and the summary ``<workdir>/summary.json``
-   (``{"before": {...}, "after": {...}, "steps": ..., "seconds": ...}``).
+   (``{"before": {...}, "after": {...}, "steps": ..., "seconds": ...}``; a refiner such as URGT
+   also has ``"prior"``, its coarse input scored on the same images).
 
 An interrupted demo resumes where it stopped. A finished one is never overwritten: the demo
 prints its summary again unless ``--overwrite`` (``make demo DEMO_ARGS=--overwrite``) asks to
@@ -32,11 +33,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def print_summary(summary: dict, path: str, family: str, rows) -> None:
   print(f"\n{family} demo: {summary['steps']} training steps in {summary['seconds']:.0f} s")
-  print(f"{'held-out synthetic scenes':34s} {'untrained':>10s} {'trained':>10s}")
+  prior = summary.get("prior")  # a refiner's coarse input (URGT)
+  print(f"{'held-out synthetic scenes':34s}" + (f" {'prior':>10s}" if prior else "")
+        + f" {'untrained':>10s} {'trained':>10s}")
   for label, key in rows:
     b, a = summary["before"].get(key), summary["after"].get(key)
     if b is not None and a is not None:
-      print(f"{label:34s} {b:10.4f} {a:10.4f}")
+      p = f" {prior[key]:10.4f}" if prior and key in prior else (" " * 11 if prior else "")
+      print(f"{label:34s}{p} {b:10.4f} {a:10.4f}")
   print(f"summary: {path}")
 
 
@@ -64,13 +68,17 @@ def write_predictions(workdir: str, config) -> str:
   if "process_res" in opts:  # the eval scenes' own size
     opts["process_res"] = max(e.height, e.width)
   predict = family.get_predictor(model, opts)
+  extra = lambda scene: family.eval_inputs(scene, opts) if family.eval_inputs else {}
   out = os.path.join(workdir, "predictions")
   os.makedirs(out, exist_ok=True)
   for i in range(e.num_scenes):
     scene = render_scene(e.seed, i, num_views=e.num_views, height=e.height, width=e.width,
                          dynamic=bool(e.get("dynamic", False)))
-    pred = predict(scene["images"])
-    np.savez(os.path.join(out, f"scene_{i:04d}.npz"), images=scene["images"], **pred)
+    pred = predict(scene["images"], **extra(scene))
+    arrays = {k: v for k, v in pred.items() if isinstance(v, np.ndarray)}
+    if isinstance(pred.get("prior"), dict):  # a refiner's coarse input, next to its output
+      arrays.update({f"prior_{k}": v for k, v in pred["prior"].items()})
+    np.savez(os.path.join(out, f"scene_{i:04d}.npz"), images=scene["images"], **arrays)
     tiles = [np.concatenate([im, visualize.colorize_depth(d)], 1)
              for im, d in zip(scene["images"], pred["depth"])]
     visualize.save_png(os.path.join(out, f"scene_{i:04d}.png"), np.concatenate(tiles, 0),

@@ -122,9 +122,14 @@ def evaluate(cfg) -> dict:
   model, family, model_config, source = load_model(cfg)
   groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config),
                                          has_depth=has_depth)
-  predict = family.get_predictor(model, inference_options(cfg.model))
+  opts = inference_options(cfg.model)
+  predict = family.get_predictor(model, opts)
+  scene_inputs = None
+  if family.eval_inputs is not None:
+    scene_inputs = lambda scene: family.eval_inputs(scene, opts)
   rows = evaluator.run(predict, scenes, groups, options, out_dir, cfg.pictures and has_depth,
-                       progress=lambda it: tqdm(it, total=n_scenes, desc="scenes", unit="scene"))
+                       progress=lambda it: tqdm(it, total=n_scenes, desc="scenes", unit="scene"),
+                       scene_inputs=scene_inputs)
   mean = evaluator.aggregate(rows)
   meta = {"model": {"family": family.name, "config": model_config, "source": source},
           "groups": list(groups), "notes": notes, "config": cfg.to_dict()}

@@ -44,8 +44,8 @@ Every field can be overridden on the command line (``--config.optim.lr=1e-4``). 
   eval.use_ema: evaluate the EMA parameters when ``optim.ema_decay > 0``.
   eval.ref_view_strategy: ``first`` by default, the frame the loss uses during training
     (``evaluate.py`` and inference default to ``saddle_balanced``).
-  checkpoint.every, keep_last, best_metric, best_mode, keep_best, async_save: Orbax checkpoints
-    (last N plus best N by an eval metric such as ``abs_rel``).
+  checkpoint.every (0: only at the end), keep_last, best_metric, best_mode, keep_best,
+    async_save: Orbax checkpoints (last N plus best N by an eval metric such as ``abs_rel``).
   log_every: stdout / TensorBoard scalar interval; tensorboard: write event files.
   max_bad_in_row: stop after this many consecutive non-finite steps (0 = never).
   export_model: write ``workdir/model`` (EMA if enabled) at the end for ``evaluate.py``.

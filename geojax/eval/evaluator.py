@@ -273,8 +273,13 @@ def format_table(mean: dict[str, float], n_scenes: int) -> str:
 def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
         scenes: Iterable[tuple[str, dict[str, np.ndarray]]], groups: tuple[str, ...],
         options: dict[str, Any], out_dir: str | None, pictures: bool,
-        progress: Callable[[Iterable], Iterable] = lambda x: x) -> list[dict[str, Any]]:
-  """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``."""
+        progress: Callable[[Iterable], Iterable] = lambda x: x,
+        scene_inputs: Callable[[dict], dict] | None = None) -> list[dict[str, Any]]:
+  """Score each ``(name, scene)``; pictures go to ``out_dir/pictures/<name>.png``.
+
+  ``scene_inputs(scene)``: extra predictor inputs made from the ground-truth scene
+  (``Family.eval_inputs``). A prediction holding a ``prior`` dict (a refiner's coarse input) has
+  that scored as well, with the depth, normal and edge groups, keys prefixed ``prior_``."""
   rows = []
   need_depth = any(g in groups for g in DEPTH_GROUPS + ("normal",))
   for name, scene in progress(scenes):
@@ -283,13 +288,19 @@ def run(predict: Callable[[np.ndarray], dict[str, np.ndarray]],
       raise ValueError(f"scene {name}: no valid ground-truth depth (all pixels masked; "
                        f"max_depth={options.get('max_depth', 0.0)})")
     opts = options
+    extra = scene_inputs(scene) if scene_inputs is not None else {}
     if "track" in groups and "tracks" in scene:
       queries, kept = track_queries(scene)
-      pred = predict(scene["images"], track_queries=queries)
+      pred = predict(scene["images"], track_queries=queries, **extra)
       opts = {**options, "queries": kept}
     else:
-      pred = predict(scene["images"])
-    rows.append({"scene": name, **score_scene(pred, scene, mask, groups, opts)})
+      pred = predict(scene["images"], **extra)
+    row = {"scene": name, **score_scene(pred, scene, mask, groups, opts)}
+    if isinstance(pred.get("prior"), dict):
+      prior_groups = [g for g in groups if g in ("depth", "normal", "edge")]
+      prior = score_scene(pred["prior"], scene, mask, prior_groups, opts)
+      row.update({f"prior_{k}": v for k, v in prior.items()})
+    rows.append(row)
     if len(rows[-1]) == 1:
       raise ValueError(f"scene {name}: no metric applies (pose needs >= 2 views)")
     if pictures and out_dir and mask is not None:

@@ -58,7 +58,8 @@ from flax import nnx
 
 from geojax.geometry.normals import normals_from_depth
 from geojax.models import urgt
-from geojax.models.registry import Family, PredictArg, config_overrides, register, resize_map
+from geojax.models.registry import (Demo, Family, PredictArg, config_overrides, register,
+                                    resize_map)
 from geojax.models.runner import compiled_call
 from geojax.predict.core import Prediction, assumed_intrinsics
 
@@ -328,8 +329,9 @@ def refine_image(model: urgt.URGT, image: np.ndarray, prior: Prior, name: str, *
 
 def _refine_views(model, images, names, *, extrinsics, mesh, patch_split, grid, crop_size,
                   rope_positions, prior_weights=None, depth_prior=None, normal_prior=None,
-                  depth_prior_kind="disparity"):
-  """Priors and refinement of every view (:func:`refine_image` rows with their ``prior``)."""
+                  depth_prior_kind="disparity", priors=None):
+  """Priors and refinement of every view (:func:`refine_image` rows with their ``prior``);
+  ``priors``: ready :class:`Prior` objects, one per view (evaluation with GT-made priors)."""
   if extrinsics is not None:
     raise ValueError("URGT takes no cameras (it refines one image at a time); drop the poses")
   if mesh is not None:
@@ -344,9 +346,10 @@ def _refine_views(model, images, names, *, extrinsics, mesh, patch_split, grid, 
       raise ValueError(f"{flag} {spec} is one file for {len(images)} images; pass a folder of "
                        "<stem>.npy files")
   rows = []
-  for im, name in zip(images, names):
-    prior = make_prior(im, name, prior_weights=prior_weights, depth_prior=depth_prior,
-                       normal_prior=normal_prior, depth_prior_kind=depth_prior_kind)
+  for i, (im, name) in enumerate(zip(images, names)):
+    prior = priors[i] if priors is not None else make_prior(
+        im, name, prior_weights=prior_weights, depth_prior=depth_prior,
+        normal_prior=normal_prior, depth_prior_kind=depth_prior_kind)
     r = refine_image(model, im, prior, name, patch_split=patch_split, grid=grid,
                      crop_size=crop_size, rope_positions=rope_positions)
     r["prior"] = prior
@@ -390,22 +393,57 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
       extras=extras)
 
 
+PRIOR_SOURCES = ("weights", "degraded")
+_GT_PRIOR_OPTIONS = ("prior_source", "prior_factor", "prior_gamma", "prior_noise")
+
+
+def eval_inputs(scene: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+  """With ``prior_source="degraded"``: the training prior of every view made from the scene's
+  GT depth (:func:`geojax.losses.urgt.degraded_prior`, fixed key, normals fitted to it), as
+  ``priors``; otherwise nothing (the prior comes from ``prior_weights``)."""
+  source = options.get("prior_source", "weights")
+  if source not in PRIOR_SOURCES:
+    raise ValueError(f"prior_source must be one of {PRIOR_SOURCES}; got {source!r}")
+  if source != "degraded":
+    return {}
+  from geojax.losses import urgt as L
+  depth = jnp.asarray(scene["depth"], jnp.float32)
+  valid = jnp.asarray(scene["valid"], bool) & (depth > 0)
+  target, lo, hi = L.disparity_target(depth, valid)
+  prior = L.degraded_prior(target, valid, jax.random.key(0),
+                           factor=int(options.get("prior_factor", 8)),
+                           gamma=float(options.get("prior_gamma", 0.7)),
+                           noise=float(options.get("prior_noise", 0.05)))
+  normal = L.prior_normals(prior, lo, hi, jnp.asarray(scene["intrinsics"], jnp.float32))
+  prior, normal, lo, hi = (np.asarray(a) for a in (prior, normal, lo, hi))
+  return {"priors": [Prior(prior[i], normal[i], float(hi[i] - lo[i] + L.EPS), float(lo[i]),
+                           "degraded ground truth") for i in range(len(prior))]}
+
+
 def predictor(model: nnx.Module, options: dict[str, Any]):
-  """The evaluation view: per view, depth and normals at the input size, plus the per-crop
-  depths and crop boxes (``patch_depth``, ``patch_boxes``, at the aligned size) for the seam
-  metric."""
-  def run(images: np.ndarray, **extra) -> dict[str, Any]:
+  """The evaluation view: per view, depth and normals at the input size, the per-crop depths
+  and crop boxes (``patch_depth``, ``patch_boxes``, at the aligned size) for the seam metric,
+  and the ``prior`` it refined (depth and normals), which the evaluator scores too."""
+  opts = {k: v for k, v in options.items() if k not in _GT_PRIOR_OPTIONS}
+  opts["patch_split"] = tuple(int(v) for v in opts.get("patch_split", (8, 8)))
+
+  def run(images: np.ndarray, priors: list[Prior] | None = None, **extra) -> dict[str, Any]:
     if extra:
       raise ValueError(f"URGT takes no per-scene inputs {sorted(extra)}")
     h, w = images.shape[1:3]
     names = [f"view {i}" for i in range(len(images))]
-    rows = _refine_views(model, list(images), names, extrinsics=None, mesh=None, **options)
+    rows = _refine_views(model, list(images), names, extrinsics=None, mesh=None, priors=priors,
+                         **opts)
+    unit = lambda n: n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
     depth = np.stack([r["prior"].to_depth(r["relative"]) for r in rows])
-    n = resize_map(np.stack([r["normal"] for r in rows]), h, w)
+    prior_depth = np.stack([r["prior"].to_depth(r["prior_depth"]) for r in rows])
     return {"depth": resize_map(depth, h, w),
-            "normals": n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12),
+            "normals": unit(resize_map(np.stack([r["normal"] for r in rows]), h, w)),
             "patch_depth": [r["prior"].to_depth(r["patches"]) for r in rows],
-            "patch_boxes": [r["boxes"] for r in rows]}
+            "patch_boxes": [r["boxes"] for r in rows],
+            "prior": {"depth": resize_map(prior_depth, h, w),
+                      "normals": unit(resize_map(np.stack([r["prior_normal"] for r in rows]),
+                                                 h, w))}}
   return run
 
 
@@ -437,9 +475,123 @@ PREDICT_ARGS = (
 )
 
 
+# ---------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class URGTTask:
+  """URGT training with GridMix (``configs/urgt.py``; reference ``urgt.md`` §4.2-4.3, §8).
+
+  A batch of the pipeline's ``family="urgt"`` samples is one view per sample holding an
+  ``M x M`` block of the ``grid x grid`` patch lattice of a ``bucket``-sized training image (``M``
+  the same for the whole batch, so it is static here: the block's height over the patch
+  height). Inside the step: the GT becomes normalised disparity
+  (:func:`geojax.losses.urgt.disparity_target`), the prior is made from it
+  (:func:`~geojax.losses.urgt.degraded_prior` with ``prior`` keywords, a fresh key per step)
+  with normals fitted to it, and :func:`geojax.models.urgt.refine` runs the block in grid mode
+  (the ``M x M`` patches are the crops, resized to ``crop_size``) with true RoPE positions
+  shifted by the block's lattice origin, so every crop sits where it lies in the full image.
+  The loss is :func:`~geojax.losses.urgt.urgt_loss` against the target and pseudo-normals
+  fitted to the GT depth (``normal_target="pseudo"``) or the dataset's normals (``"gt"``)."""
+  crop_size: int
+  bucket: tuple[int, int]
+  grid: int = 4
+  prior: tuple[tuple[str, Any], ...] = ()
+  loss: tuple[tuple[str, Any], ...] = ()
+  normal_target: str = "pseudo"
+  family: str = "urgt"
+
+  def loss_fn(self, model, batch: dict[str, Any], rng: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    from geojax.losses import urgt as L
+    x = jnp.asarray(batch["images"][:, 0], jnp.float32) / 255.0
+    depth = jnp.asarray(batch["depth"][:, 0], jnp.float32)
+    valid = jnp.asarray(batch["valid"][:, 0], bool) & jnp.isfinite(depth) & (depth > 0)
+    k = jnp.asarray(batch["intrinsics"][:, 0], jnp.float32)
+    h, w = depth.shape[1:]
+    ph, pw = self.bucket[0] // self.grid, self.bucket[1] // self.grid
+    n = h // ph
+    if n * ph != h or n * pw != w or not 1 <= n <= self.grid:
+      raise ValueError(f"a {h}x{w} GridMix block is no M x M block of {ph}x{pw} patches of the "
+                       f"{self.bucket[0]}x{self.bucket[1]} training size (one bucket only)")
+    target, lo, hi = L.disparity_target(depth, valid)
+    prior = L.degraded_prior(target, valid, rng, **dict(self.prior))
+    prior_n = L.prior_normals(prior, lo, hi, k)
+    if self.normal_target == "gt":
+      nt = jnp.asarray(batch["normals"][:, 0], jnp.float32)
+      nv = valid & (jnp.linalg.norm(nt, axis=-1) > 0.5)
+    else:
+      nt, nv = L.pseudo_normals(depth, k, valid)
+    t = self.crop_size // urgt.PATCH
+    origin = jnp.asarray(batch["grid_origin"], jnp.float32) * t  # lattice cell -> tokens
+    out = urgt.refine(model, x, prior, prior_n, patch_split=(n, n), overlap=False,
+                      crop_size=self.crop_size, rope_positions="true", origin=origin)
+    loss, parts = L.urgt_loss(out["depth"], out["normal"], target, valid, nt, nv,
+                              **dict(self.loss))
+    prior_mse = jnp.sum(jnp.where(valid, (prior - target) ** 2, 0.0)) / jnp.maximum(
+        jnp.sum(valid), 1)
+    return loss, {**parts, "prior_depth_mse": prior_mse}
+
+
+def make_task(config) -> URGTTask:
+  """:class:`URGTTask` from ``config.model.crop_size``, the single training bucket of
+  ``config.data.pipeline``, ``config.prior`` and ``config.loss``."""
+  pipe = config.data.pipeline
+  buckets = [tuple(int(v) for v in b) for b in pipe.get("buckets", ())]
+  if len(buckets) != 1:
+    raise ValueError(f"URGT trains at one size: data.pipeline.buckets must hold one (H, W); got "
+                     f"{buckets}")
+  if pipe.get("family") != "urgt":
+    raise ValueError("URGT training needs data.pipeline.family='urgt' (GridMix)")
+  if int(pipe.get("min_views", 1)) != 1 or int(pipe.get("max_views", 1)) != 1:
+    raise ValueError("URGT trains on single images: set data.pipeline.min_views = max_views = 1")
+  crop = int(config.model.get("crop_size", 518))
+  if crop < urgt.PATCH or crop % urgt.PATCH:
+    raise ValueError(f"model.crop_size must be a positive multiple of {urgt.PATCH}; got {crop}")
+  prior = dict(config.get("prior", {}))
+  source = prior.pop("source", "degraded")
+  if source != "degraded":
+    raise ValueError(f"prior.source={source!r}: URGT training makes its priors from the GT "
+                     "('degraded')")
+  loss = dict(config.get("loss", {}))
+  normal_target = loss.pop("normal_target", "pseudo")
+  if normal_target not in ("pseudo", "gt"):
+    raise ValueError(f"loss.normal_target must be 'pseudo' or 'gt'; got {normal_target!r}")
+  return URGTTask(crop_size=crop, bucket=buckets[0], grid=int(pipe.get("gridmix_size", 4)),
+                  prior=tuple(sorted(prior.items())), loss=tuple(sorted(loss.items())),
+                  normal_target=normal_target)
+
+
+def model_config(mconfig) -> dict[str, Any]:
+  """The stored model config: the preset and runtime fields, ``head_chunk`` included."""
+  from geojax.train.trainer import DTYPES
+  if mconfig.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}; got {mconfig.dtype!r}")
+  over = dict(attn_impl=mconfig.attn_impl, remat=mconfig.remat, scan=bool(mconfig.scan),
+              head_chunk=int(mconfig.get("head_chunk", 0)))
+  if DTYPES[mconfig.dtype]:
+    over["dtype"] = DTYPES[mconfig.dtype]
+  return {"preset": mconfig.preset, "overrides": over}
+
+
+def initialize(model: nnx.Module, init) -> nnx.Module | None:
+  """Without ``init.weights`` / ``init.checkpoint``: the paper's training start for the prior
+  embeddings and the heads' last convs (:func:`geojax.models.urgt.init_training_start`), in
+  place."""
+  if not init.get("weights") and not init.get("checkpoint"):
+    urgt.init_training_start(model)
+  return None
+
+
 FAMILY = register(Family(
     name="urgt", build=build, predict=predict, predicts=predicts, load_official=load_official,
     presets=urgt.PRESET_NAMES, model_types=(urgt.URGT,), identify_official=identify_official,
     convert_state_dict=convert_state_dict, predict_args=PREDICT_ARGS, predictor=predictor,
+    make_task=make_task, model_config=model_config, initialize=initialize,
+    eval_inputs=eval_inputs,
     eval_options=dict(patch_split=(8, 8), grid=False, crop_size=518, rope_positions="auto",
-                      prior_weights="")))
+                      prior_weights="", prior_source="weights", prior_factor=8,
+                      prior_gamma=0.7, prior_noise=0.05),
+    demo=Demo(config_arg="runlocal", rows=(
+        ("depth AbsRel (lower is better)", "abs_rel"),
+        ("normal mean angle, degrees (lower)", "normal_mean_deg")))))

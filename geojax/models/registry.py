@@ -33,7 +33,9 @@ What a family provides (only ``name``, ``build`` and ``predict`` are required):
   initial weights from the family's own sources (e.g. a merge of other models' checkpoints), a
   model to copy from or ``None``;
 - ``eval_options``: its inference options with their defaults, which ``configs/evaluate.py``
-  exposes as ``model.*`` fields; ``demo``: its ``make demo-<family>`` run (:class:`Demo`),
+  exposes as ``model.*`` fields; ``eval_inputs(scene, options)``: per-scene predictor inputs
+  made from the ground-truth scene (e.g. URGT's training-style priors), ``{}`` when none;
+  ``demo``: its ``make demo-<family>`` run (:class:`Demo`),
   which trains ``configs/<family>.py:<config_arg>`` (the family's training config, big_vision
   style, next to ``train.py``).
 
@@ -43,7 +45,9 @@ Standard keys of ``predictor`` outputs: ``depth`` ``(S, H, W)`` z-depth, ``depth
 camera-frame point maps (the ``pointmap`` metrics use them, else depth), ``tracks``
 ``(S, P, 3)`` world points of the ground truth's query points with ``track_visible`` ``(S, P)``,
 ``patch_depth`` / ``patch_boxes`` (one entry per view) per-crop depths ``(K, ph, pw)`` and crop
-boxes ``(K, 4)`` of a model that refines crops (kind ``patches``; the ``seam`` metric).
+boxes ``(K, 4)`` of a model that refines crops (kind ``patches``; the ``seam`` metric),
+``prior``: a dict with ``depth`` (and ``normals``) of the coarse input a refiner started from,
+which the evaluator scores too (keys prefixed ``prior_``).
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class Family:
   train_config: Callable[[str | None], Any] | None = None
   initialize: Callable[[nnx.Module, Any], nnx.Module | None] | None = None
   eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  eval_inputs: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
   demo: Demo | None = None
 
   def __post_init__(self):

@@ -165,16 +165,18 @@ class URGT(nnx.Module):
     return t[:, 1 + enc.num_registers:]
 
   def aggregate(self, tokens: jax.Array, pos: jax.Array) -> list[jax.Array]:
-    """Patch tokens ``(B, S, T, C)`` and positions ``(S, 5 + T, 2)`` -> the ``[frame || global]``
-    features ``(B, S, 5 + T, 2C)`` of every pair in ``head_layers``."""
+    """Patch tokens ``(B, S, T, C)`` and positions ``(S | B, S, 5 + T, 2)`` -> the
+    ``[frame || global]`` features ``(B, S, 5 + T, 2C)`` of every pair in ``head_layers``."""
     b, s, _, c = tokens.shape
+    if pos.ndim == 3:
+      pos = pos[None]
     idx = np.minimum(np.arange(s), 1)  # crop 0 -> token 0, the others -> token 1
     special = jnp.concatenate([self.camera_token[...][0, idx], self.register_token[...][0, idx]],
                               axis=1)  # (S, 5, C)
     x = jnp.concatenate([jnp.broadcast_to(special.astype(tokens.dtype), (b, s, NUM_SPECIAL, c)),
                          tokens], axis=2)
-    pos_local = jnp.tile(pos, (b, 1, 1))
-    pos_global = pos.reshape(1, -1, 2)
+    pos_local = jnp.broadcast_to(pos, (b,) + pos.shape[1:]).reshape(b * s, -1, 2)
+    pos_global = pos.reshape(pos.shape[0], -1, 2)
     out, start = [], 0
     for layer in self.cfg.head_layers:
       x, frame = run_frame_global(self.frame_blocks, self.global_blocks, x, start=start,
@@ -187,8 +189,9 @@ class URGT(nnx.Module):
                positions: np.ndarray | None = None) -> dict[str, jax.Array]:
     """Offsets and confidences for crops (module docstring for the shapes).
 
-    ``positions``: ``(S, 5 + t*t, 2)`` RoPE positions (default: the official abutting square
-    layout, :func:`official_origins`). Returns ``depth`` ``(B, S, P, P)`` and ``normal``
+    ``positions``: ``(S, 5 + t*t, 2)`` RoPE positions, or ``(B, S, 5 + t*t, 2)`` per sample
+    (a NumPy or traced array; default: the official abutting square layout,
+    :func:`official_origins`). Returns ``depth`` ``(B, S, P, P)`` and ``normal``
     ``(B, S, P, P, 3)`` offsets, ``depth_conf`` / ``normal_conf`` ``(B, S, P, P)``.
     """
     _check("crops", crops, 3)
@@ -205,14 +208,14 @@ class URGT(nnx.Module):
     t = p // PATCH
     if positions is None:
       positions = rope_positions(official_origins(s, t), t)
-    positions = np.asarray(positions, np.float32)
-    if positions.shape != (s, NUM_SPECIAL + t * t, 2):
-      raise ValueError(f"positions must have shape {(s, NUM_SPECIAL + t * t, 2)}; got "
-                       f"{positions.shape}")
+    if tuple(positions.shape) not in ((s, NUM_SPECIAL + t * t, 2),
+                                      (b, s, NUM_SPECIAL + t * t, 2)):
+      raise ValueError(f"positions must have shape {(s, NUM_SPECIAL + t * t, 2)} or "
+                       f"{(b, s, NUM_SPECIAL + t * t, 2)}; got {tuple(positions.shape)}")
+    positions = jnp.asarray(positions, jnp.float32)
     flat = lambda a: shard_views(a.reshape(b * s, *a.shape[2:]), 0)
     tokens = self.embed(flat(crops), flat(depth_prior), flat(normal_prior))
-    feats = self.aggregate(shard_views(tokens.reshape(b, s, t * t, -1), 1),
-                           jnp.asarray(positions))
+    feats = self.aggregate(shard_views(tokens.reshape(b, s, t * t, -1), 1), positions)
     feats = [flat(f)[:, NUM_SPECIAL:] for f in feats]
     heads = lambda m, fs: (m.depth_head(fs, (p, p)), m.normal_head(fs, (p, p)))
     d, n = views.map_in_view_chunks(self, heads, feats, self.cfg.head_chunk)
@@ -225,15 +228,20 @@ def init_training_start(model: URGT, *, seed: int = 0, std: float = 1e-4) -> URG
   """The paper's training start, in place: the depth and normal prior embeddings and the last
   conv of both heads get weights N(0, ``std``) and zero biases, so that the prior tokens start
   almost silent and the offsets almost zero (refined = prior). Call it after loading VGGT-1B
-  (or other) weights into the rest; returns ``model``."""
+  (or other) weights into the rest; returns ``model``. (The official ``URGTModel`` re-draws only
+  the depth head's last conv and leaves the normal head's at its default initialisation; geojax
+  starts both heads at the prior.)"""
   key = jax.random.key(seed)
   convs = (model.patch_embed_depth.proj, model.patch_embed_normal.proj,
            model.depth_head.output_conv2.conv2, model.normal_head.output_conv2.conv2)
+  def put(new, old):  # keep the parameter's placement (sharded models)
+    return jax.device_put(new.astype(old.dtype), old.sharding) if hasattr(
+        old, "sharding") else new.astype(old.dtype)
+
   for i, conv in enumerate(convs):
-    w = conv.kernel[...]
-    conv.kernel[...] = (std * jax.random.normal(jax.random.fold_in(key, i), w.shape)).astype(
-        w.dtype)
-    conv.bias[...] = jnp.zeros_like(conv.bias[...])
+    w, bias = conv.kernel[...], conv.bias[...]
+    conv.kernel[...] = put(std * jax.random.normal(jax.random.fold_in(key, i), w.shape), w)
+    conv.bias[...] = put(jnp.zeros(bias.shape), bias)
   return model
 
 
@@ -318,8 +326,8 @@ def layout_positions(layout: Layout, tokens: int, mode: str = "official") -> np.
 
 def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal: jax.Array, *,
            patch_split: tuple[int, int] = (8, 8), overlap: bool = True, crop_size: int = 518,
-           rope_positions: str = "official", return_patches: bool = False
-           ) -> dict[str, jax.Array]:
+           rope_positions: str = "official", return_patches: bool = False,
+           origin: jax.Array | None = None) -> dict[str, jax.Array]:
   """Refine coarse depth and normals of whole images, as the official ``URGTModel.forward``.
 
   Args:
@@ -334,6 +342,9 @@ def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal
     rope_positions: ``"official"`` or ``"true"`` (:func:`layout_positions`).
     return_patches: also return ``depth_patches`` ``(B, S, ph, pw)``, every crop's refined depth
       at its native size before stitching (what a seam metric compares).
+    origin: optional ``(B, 2)`` ``(y, x)`` offsets in token units added to every crop's RoPE
+      position (traced values are fine): where the image lies on a larger global grid, as
+      GridMix's sub-blocks do in training.
 
   Returns ``depth`` ``(B, H, W)`` and ``normal`` ``(B, H, W, 3)`` (prior + offset, stitched by a
   uniform average; normals not re-normalised, channels in the prior's order), and the
@@ -353,6 +364,10 @@ def refine(model: URGT, image: jax.Array, coarse_depth: jax.Array, coarse_normal
   dprior = roi(coarse_depth.astype(jnp.float32)[..., None])
   nprior = roi(coarse_normal.astype(jnp.float32))
   pos = layout_positions(layout, p // PATCH, rope_positions)
+  if origin is not None:
+    is_patch = (np.arange(pos.shape[1]) >= NUM_SPECIAL)[None, :, None]
+    pos = jnp.asarray(pos)[None] + jnp.where(
+        is_patch, jnp.asarray(origin, jnp.float32)[:, None, None, :], 0.0)
   out = model(crops, dprior, nprior, positions=pos)
   back = lambda x: resize.resize_bilinear_align_corners(x, (ph, pw))
   depth_patches = back(dprior + out["depth"][..., None])

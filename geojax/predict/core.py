@@ -25,10 +25,10 @@ from flax import nnx
 
 from geojax.geometry import camera, unproject
 
-MIN_FOV_DEG, MAX_FOV_DEG = 1.0, 179.0
+MIN_FOV_DEG, MAX_FOV_DEG = 1.0, 179.0  # fields of view outside this range are degenerate
 # folders an exported scene already uses (``Prediction.extras`` must not reuse them)
 EXPORT_NAMES = frozenset({"images", "depth", "depth_vis", "confidence", "normals", "point_map",
-                          "point_map_local", "sky", "colmap"})  # fields of view outside this range are degenerate
+                          "point_map_local", "sky", "colmap"})
 
 
 @dataclasses.dataclass

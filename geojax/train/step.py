@@ -59,7 +59,8 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     loss_fn: Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]],
                     *, ema_decay: float = 0.0, donate: bool = True):
-  """``step(state, batch, rng) -> (state, metrics)`` compiled with ``jax.jit``.
+  """``step(state, batch, rng) -> (state, metrics)``: two ``jax.jit`` programs, the loss and
+  gradients (one compilation per batch shape) and the optimizer update (one compilation).
 
   ``loss_fn`` receives dict batches with ``train_step`` (the state's int32 step) added.
   ``metrics`` holds ``loss``, ``grad_norm``, ``finite`` (bool), ``skipped``, ``bad_in_row`` and
@@ -67,7 +68,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   False.
   """
 
-  def step(state: TrainState, batch, rng):
+  def gradients(state: TrainState, batch, rng):
     if isinstance(batch, dict):  # schedules inside the loss (e.g. a teacher switch)
       batch = dict(batch, train_step=state.step)
 
@@ -77,6 +78,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    return loss, grads, {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+
+  def update(state: TrainState, loss, grads):
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,12 +94,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new = state.replace(step=state.step + finite.astype(jnp.int32), params=params,
                         opt_state=opt_state, ema=ema,
                         skipped=state.skipped + (~finite).astype(jnp.int32), bad_in_row=bad)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "skipped": new.skipped,
-               "bad_in_row": bad}
-    metrics.update({k: v for k, v in aux.items() if jnp.ndim(v) == 0})
+    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                 "skipped": new.skipped, "bad_in_row": bad}
+
+  # Two programs: the gradients (compiled once per batch shape) and the update (compiled once):
+  # a task whose batches come in several shapes (view counts, buckets, GridMix grids) does not
+  # recompile the optimizer for each.
+  grad_fn = jax.jit(gradients)
+  update_fn = jax.jit(update, donate_argnums=(0,) if donate else ())
+
+  def step(state: TrainState, batch, rng):
+    loss, grads, aux = grad_fn(state, batch, rng)
+    new, metrics = update_fn(state, loss, grads)
+    metrics.update(aux)
     return new, metrics
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return step
 
 
 def check_health(metrics: dict, max_bad_in_row: int) -> None:

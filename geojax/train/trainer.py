@@ -209,8 +209,12 @@ def evaluate_model(config, family, mconfig: dict, model: nnx.Module, out_dir: st
   if "process_res" in opts:  # the eval scenes' own size
     opts["process_res"] = max(e.height, e.width)
   predict = family.get_predictor(model, opts)
+  scene_inputs = None
+  if family.eval_inputs is not None:
+    scene_inputs = lambda scene: family.eval_inputs(scene, opts)
   out_dir = evaluator.prepare_out_dir(out_dir, overwrite=True)
-  rows = evaluator.run(predict, scenes, groups, options, out_dir, bool(e.pictures))
+  rows = evaluator.run(predict, scenes, groups, options, out_dir, bool(e.pictures),
+                       scene_inputs=scene_inputs)
   mean = evaluator.aggregate(rows)
   evaluator.write_results(out_dir, rows, mean, {"model": {"family": family.name,
                                                            "config": mconfig},
@@ -394,7 +398,8 @@ def train(config, workdir: str) -> dict[str, Any]:
         periodic = config.eval.every > 0 and step % config.eval.every == 0
         if can_eval and (periodic or (step == total and config.eval.at_end)):
           run_eval(step)
-        if step % config.checkpoint.every == 0 or step == total:
+        every = int(config.checkpoint.every)  # 0: only at the end
+        if (every > 0 and step % every == 0) or step == total:
           save(step, last)
     ckpt.wait()
     ckpt.close()
@@ -412,12 +417,18 @@ def train(config, workdir: str) -> dict[str, Any]:
   steps_per_s = timed_steps / (time.time() - t_timed) if t_timed and timed_steps else float("nan")
   first = evals[min(evals)] if evals else {}
   final = evals[max(evals)] if evals else {}
-  pick = lambda m: {k: m[k] for k in ("abs_rel", "delta1", "auc03", "auc30") if k in m}
+  def pick(m, prefix=""):
+    out = {k: m[prefix + k] for k in ("abs_rel", "delta1", "auc03", "auc30") if prefix + k in m}
+    if prefix + "normal_mean" in m:
+      out["normal_mean_deg"] = m[prefix + "normal_mean"]
+    return out
   summary = {"before": pick(first), "after": pick(final), "steps": step,
              "seconds": round(seconds, 1), "preempted": preempted,
              "steps_per_second": None if math.isnan(steps_per_s) else round(steps_per_s, 3),
              "final_train": last,
              "history": {str(k): v for k, v in sorted(evals.items())}}
+  if pick(final, "prior_"):  # a refiner's coarse input, scored on the same images
+    summary = {"prior": pick(final, "prior_"), **summary}
   if chief:
     os.makedirs(os.path.dirname(os.path.abspath(summary_path)), exist_ok=True)
     tmp = summary_path + ".tmp"
