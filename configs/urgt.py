@@ -22,13 +22,20 @@ Fields beyond ``configs/da3.py``'s (see its docstring for the shared ones):
 
   model.crop_size: side every crop is resized to (518 for the released weights).
   model.head_chunk: crops the DPT heads run at a time (0 = all).
-  init.weights: official URGT weights (directory or .safetensors) to fine-tune from;
-    init.checkpoint: a geojax URGT checkpoint. With neither, the network starts random with the
-    paper's start for the prior embeddings and the heads' last convs (N(0, 1e-4), zero bias;
-    ``geojax.models.urgt.init_training_start``).
+  init.vggt: VGGT-1B weights (``facebook/VGGT-1B``'s ``model.pt`` converted once with
+    ``geojax convert --family urgt --tensors-only model.pt DIR``), the paper's start: the
+    aggregator and depth head from VGGT-1B, the normal head at its initialisation
+    (``geojax.convert.urgt.merge_vggt``). init.weights: official URGT weights (directory or
+    .safetensors) to fine-tune from; init.checkpoint: a geojax URGT checkpoint. Except when
+    fine-tuning a URGT, the prior embeddings and the heads' last convs start at N(0, 1e-4)
+    with zero bias (``geojax.models.urgt.init_training_start``).
   prior.source: the coarse priors of training images: ``degraded`` (the GT made coarse and
-    distorted, ``geojax.losses.urgt.degraded_prior``: ``factor``, ``gamma``, ``noise``; normal
-    priors fitted to it).
+    distorted, ``geojax.losses.urgt.degraded_prior``: ``factor``, ``gamma``, ``noise``) or
+    ``model`` (a frozen DA3 model run inside the step on each GridMix block at long side
+    ``prior.size``, ``prior.weights`` a geojax DA3 checkpoint or official DA3 weights;
+    ``geojax.families.urgt.model_prior``); normal priors are fitted to the depth prior.
+    Evaluation uses the same source (``eval.prior_source`` / ``eval.prior_weights`` follow
+    ``prior.*`` unless set).
   loss: ``depth_weight``, ``normal_weight``, ``grad_weight``, ``normal_mse_weight``,
     ``grad_scales`` (``geojax.losses.urgt.urgt_loss``) and ``normal_target``: ``pseudo``
     (normals fitted to GT depth, the paper's) or ``gt`` (the dataset's normals).
@@ -38,7 +45,8 @@ Fields beyond ``configs/da3.py``'s (see its docstring for the shared ones):
   eval.*: held-out synthetic images scored with ``depth,normal,seam`` (depth aligned by scale
     and shift, as the reference proposes) at ``eval.patch_split`` with overlapping crops and
     true RoPE positions; ``eval.prior_source="degraded"`` gives them the training prior, and
-    the summary's ``prior`` entry scores the prior itself.
+    the summary's ``prior`` entry scores the prior itself (with ``model``: the prior model
+    on the whole held-out image).
 """
 
 import ml_collections
@@ -66,8 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       family="urgt", preset=arg.preset, attn_impl="chunked", dtype="bfloat16", remat="none",
       scan=True, crop_size=518, head_chunk=0))
-  c.init = ml_collections.ConfigDict(dict(weights="", checkpoint=""))
-  c.prior = ml_collections.ConfigDict(dict(source="degraded", factor=8, gamma=0.7, noise=0.05))
+  c.init = ml_collections.ConfigDict(dict(weights="", checkpoint="", vggt=""))
+  c.prior = ml_collections.ConfigDict(dict(source="degraded", factor=8, gamma=0.7, noise=0.05,
+                                           weights="", size=504))
 
   size = 4 * 518  # 4 x 4 patches of 518: crops at their native size
   c.data = ml_collections.ConfigDict(dict(
@@ -99,8 +108,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_views=1, height=2160, width=3840, metrics="depth,normal,seam",
       depth_align="scale_shift", pose_thresholds=(3, 5, 15, 30), pointcloud_threshold=0.05,
       pictures=True, tb_pictures=2, patch_split=(8, 8), grid=False, crop_size=518,
-      rope_positions="true", prior_source="degraded", prior_factor=8, prior_gamma=0.7,
-      prior_noise=0.05))
+      rope_positions="true", prior_source="degraded", prior_weights="", prior_factor=8,
+      prior_gamma=0.7, prior_noise=0.05))
+  # held-out images get the training prior: the same degradation, or the same prior model
+  c.eval.prior_source = c.prior.get_ref("source")
+  c.eval.prior_weights = c.prior.get_ref("weights")
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=2_000, keep_last=3, best_metric="abs_rel", best_mode="min", keep_best=1,
       async_save=True))

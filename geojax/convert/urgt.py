@@ -129,3 +129,46 @@ def is_official(path: str) -> bool:
   want = {"aggregator.patch_embed.patch_embed_depth.proj.weight", "normal_head.norm.weight"}
   return any(want <= {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys}
              for keys in tl.safetensors_keys(path))
+
+
+# ------------------------------------------------------------------- VGGT-1B initialisation
+
+VGGT_HEADS = ("camera_head.", "point_head.", "track_head.")  # VGGT heads URGT deletes
+_PRIOR_EMBEDS = ("aggregator.patch_embed.patch_embed_depth.",
+                 "aggregator.patch_embed.patch_embed_normal.")
+
+
+def merge_vggt(model: urgt_lib.URGT, vggt: Mapping[str, np.ndarray]
+               ) -> tuple[urgt_lib.URGT, list[str], list[str], list[str]]:
+  """The paper's initialisation source: VGGT-1B's tensors (official ``VGGT.state_dict()`` key
+  names, e.g. ``facebook/VGGT-1B``'s ``model.pt`` converted with
+  ``geojax convert --family urgt --tensors-only``) copied into a URGT with ``model``'s
+  configuration, as the official ``URGTModel`` loads ``vggt_1B.pt`` (non-strictly): the
+  aggregator (DINOv2 patch embedding, camera / register tokens, frame and global blocks) and
+  the depth head; VGGT's camera, point and track heads are dropped; the prior embeddings and the
+  normal head keep ``model``'s values. Returns ``(new model, loaded keys, kept keys, dropped
+  keys)``. A tensor of the wrong shape, a key URGT has no place for, a file without the
+  aggregator or a URGT checkpoint (it holds prior embeddings: use ``init.weights``) raise
+  ``ValueError``. Apply :func:`geojax.models.urgt.init_training_start` afterwards."""
+  sd = strip_prefix(vggt)
+  if not any(k.startswith("aggregator.frame_blocks.") for k in sd):
+    raise ValueError("not a VGGT checkpoint: no aggregator.frame_blocks.* tensors (expected the "
+                     "state dict of facebook/VGGT-1B's model.pt)")
+  if any(k.startswith(_PRIOR_EMBEDS) for k in sd):
+    raise ValueError("this checkpoint holds URGT prior embeddings (a URGT model, not VGGT): "
+                     "load it with init.weights")
+  current = dict(iter_torch_state_dict(model))
+  dropped = sorted(k for k in sd if k.startswith(VGGT_HEADS))
+  unknown = sorted(k for k in sd if k not in current and not k.startswith(VGGT_HEADS))
+  if unknown:
+    raise ValueError(f"{len(unknown)} VGGT tensors have no place in URGT: {unknown[:8]}")
+  loaded = []
+  for k, v in sd.items():
+    if k in current:
+      if tuple(np.shape(v)) != tuple(current[k].shape):
+        raise ValueError(f"VGGT tensor {k} has shape {tuple(np.shape(v))}; this URGT "
+                         f"({model.cfg.dim}-wide) expects {tuple(current[k].shape)}")
+      current[k] = np.asarray(v, np.float32)
+      loaded.append(k)
+  kept = sorted(set(current) - set(loaded))
+  return from_torch_state_dict(current, model.cfg), sorted(loaded), kept, dropped

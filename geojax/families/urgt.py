@@ -65,6 +65,7 @@ from geojax.predict.core import Prediction, assumed_intrinsics
 
 PRIOR_KINDS = ("disparity", "depth")
 NORMAL_WORK_SIZE = 1024  # longest side at which normals are fitted to the depth prior
+PRIOR_SIZE = 504  # training priors from a model: its input's longest side (DA3's default)
 MIN_PATCH = urgt.PATCH  # smallest native patch side (pixels)
 
 
@@ -393,7 +394,7 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
       extras=extras)
 
 
-PRIOR_SOURCES = ("weights", "degraded")
+PRIOR_SOURCES = ("weights", "model", "degraded")  # "model" = "weights" (training's name)
 _GT_PRIOR_OPTIONS = ("prior_source", "prior_factor", "prior_gamma", "prior_noise")
 
 
@@ -492,14 +493,28 @@ class URGTTask:
   (the ``M x M`` patches are the crops, resized to ``crop_size``) with true RoPE positions
   shifted by the block's lattice origin, so every crop sits where it lies in the full image.
   The loss is :func:`~geojax.losses.urgt.urgt_loss` against the target and pseudo-normals
-  fitted to the GT depth (``normal_target="pseudo"``) or the dataset's normals (``"gt"``)."""
+  fitted to the GT depth (``normal_target="pseudo"``) or the dataset's normals (``"gt"``).
+
+  With ``prior_source="model"`` the depth prior comes from a frozen geojax DA3 model instead,
+  run inside the step on the block (resized, long side ``prior_size``, sides multiples of 14),
+  its depth resized back, inverted to disparity and min-max normalised per image as the
+  official pipeline normalises its DAv2 prior (:func:`model_prior`); its weights reach every
+  step as an argument (``step_inputs``)."""
   crop_size: int
   bucket: tuple[int, int]
   grid: int = 4
   prior: tuple[tuple[str, Any], ...] = ()
   loss: tuple[tuple[str, Any], ...] = ()
   normal_target: str = "pseudo"
+  prior_source: str = "degraded"
+  prior_size: int = PRIOR_SIZE
+  prior_graphdef: Any = dataclasses.field(default=None, compare=False, repr=False)
+  prior_state: Any = dataclasses.field(default=None, compare=False, repr=False)
   family: str = "urgt"
+
+  def step_inputs(self) -> dict[str, Any] | None:
+    """The prior model's weights, handed to every step as an argument (``prior_source="model"``)."""
+    return {"urgt_prior_model": self.prior_state} if self.prior_source == "model" else None
 
   def loss_fn(self, model, batch: dict[str, Any], rng: jax.Array
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -515,7 +530,12 @@ class URGTTask:
       raise ValueError(f"a {h}x{w} GridMix block is no M x M block of {ph}x{pw} patches of the "
                        f"{self.bucket[0]}x{self.bucket[1]} training size (one bucket only)")
     target, lo, hi = L.disparity_target(depth, valid)
-    prior = L.degraded_prior(target, valid, rng, **dict(self.prior))
+    if self.prior_source == "model":
+      prior_model = nnx.merge(self.prior_graphdef,
+                              jax.lax.stop_gradient(batch["urgt_prior_model"]))
+      prior = jax.lax.stop_gradient(model_prior(prior_model, x, self.prior_size))
+    else:
+      prior = L.degraded_prior(target, valid, rng, **dict(self.prior))
     prior_n = L.prior_normals(prior, lo, hi, k)
     if self.normal_target == "gt":
       nt = jnp.asarray(batch["normals"][:, 0], jnp.float32)
@@ -533,9 +553,53 @@ class URGTTask:
     return loss, {**parts, "prior_depth_mse": prior_mse}
 
 
+def model_prior(prior_model: nnx.Module, images: jax.Array, size: int = PRIOR_SIZE
+                ) -> jax.Array:
+  """The normalised-disparity depth prior ``(B, H, W)`` of images ``(B, H, W, 3)`` in [0, 1]
+  from a DA3 model (traceable): the images resized (bilinear, antialiased) to long side
+  ``size`` with sides multiples of 14, ImageNet-normalised, one view each; the depth resized
+  back, ``1 / depth`` where positive (0 elsewhere), min-max normalised per image
+  (``(d - min) / (max - min + 1e-8)``, as :func:`make_prior` does at inference)."""
+  from geojax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+  from geojax.nn import resize
+  b, h, w, _ = images.shape
+  scale = size / max(h, w)
+  ph, pw = (max(urgt.PATCH, int(round(n * scale / urgt.PATCH)) * urgt.PATCH) for n in (h, w))
+  x = jnp.clip(resize.resize_bilinear(images, (ph, pw), antialias=True), 0.0, 1.0)
+  x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+  d = prior_model(x[:, None])["depth"][:, 0].astype(jnp.float32)
+  d = resize.resize_bilinear(d[..., None], (h, w))[..., 0]
+  ok = jnp.isfinite(d) & (d > 0)
+  disp = jnp.where(ok, 1.0 / jnp.where(ok, d, 1.0), 0.0)
+  lo = jnp.min(disp, axis=(1, 2), keepdims=True)
+  hi = jnp.max(disp, axis=(1, 2), keepdims=True)
+  return (disp - lo) / (hi - lo + 1e-8)
+
+
+def load_training_prior_model(pconfig, dtype: str | None = None) -> nnx.Module:
+  """The frozen DA3 model of ``prior.source="model"`` from ``prior.weights`` (a geojax DA3
+  checkpoint or converted official DA3 weights)."""
+  from geojax.models import registry
+  from geojax.predict import weights
+  path = pconfig.get("weights", "")
+  if not path:
+    raise ValueError("prior.source='model' needs prior.weights: a geojax DA3 checkpoint or "
+                     "official DA3 weights (e.g. DA3MONO-LARGE) for the training priors")
+  try:
+    model, _ = weights.load_model(path, overrides={"dtype": dtype} if dtype else None)
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(str(e).replace("--weights", "prior.weights")) from None
+  fam = registry.family_of(model)
+  if fam.name != "da3":
+    raise ValueError(f"prior.weights {path}: a {fam.name} model; training priors come from a "
+                     "DA3 depth model (mono, metric or any-view on one view)")
+  return model
+
+
 def make_task(config) -> URGTTask:
   """:class:`URGTTask` from ``config.model.crop_size``, the single training bucket of
-  ``config.data.pipeline``, ``config.prior`` and ``config.loss``."""
+  ``config.data.pipeline``, ``config.prior`` (``source``: ``degraded`` or ``model``, with
+  ``weights`` and ``size``) and ``config.loss``."""
   pipe = config.data.pipeline
   buckets = [tuple(int(v) for v in b) for b in pipe.get("buckets", ())]
   if len(buckets) != 1:
@@ -550,16 +614,29 @@ def make_task(config) -> URGTTask:
     raise ValueError(f"model.crop_size must be a positive multiple of {urgt.PATCH}; got {crop}")
   prior = dict(config.get("prior", {}))
   source = prior.pop("source", "degraded")
-  if source != "degraded":
-    raise ValueError(f"prior.source={source!r}: URGT training makes its priors from the GT "
-                     "('degraded')")
+  prior_weights = prior.pop("weights", "")
+  prior_size = int(prior.pop("size", PRIOR_SIZE))
+  extra: dict[str, Any] = {}
+  if source == "model":
+    if prior_size < urgt.PATCH:
+      raise ValueError(f"prior.size must be at least {urgt.PATCH}; got {prior_size}")
+    dtype = config.model.get("dtype")
+    prior_model = load_training_prior_model(
+        {"weights": prior_weights}, None if dtype in (None, "", "float32") else dtype)
+    graphdef, state = nnx.split(prior_model)
+    extra = dict(prior_source="model", prior_size=prior_size, prior_graphdef=graphdef,
+                 prior_state=state)
+    prior = {}
+  elif source != "degraded":
+    raise ValueError(f"prior.source must be 'degraded' (made from the GT) or 'model' (a DA3 "
+                     f"model, prior.weights); got {source!r}")
   loss = dict(config.get("loss", {}))
   normal_target = loss.pop("normal_target", "pseudo")
   if normal_target not in ("pseudo", "gt"):
     raise ValueError(f"loss.normal_target must be 'pseudo' or 'gt'; got {normal_target!r}")
   return URGTTask(crop_size=crop, bucket=buckets[0], grid=int(pipe.get("gridmix_size", 4)),
                   prior=tuple(sorted(prior.items())), loss=tuple(sorted(loss.items())),
-                  normal_target=normal_target)
+                  normal_target=normal_target, **extra)
 
 
 def model_config(mconfig) -> dict[str, Any]:
@@ -575,9 +652,31 @@ def model_config(mconfig) -> dict[str, Any]:
 
 
 def initialize(model: nnx.Module, init) -> nnx.Module | None:
-  """Without ``init.weights`` / ``init.checkpoint``: the paper's training start for the prior
-  embeddings and the heads' last convs (:func:`geojax.models.urgt.init_training_start`), in
-  place."""
+  """The paper's training start. With ``init.vggt`` (VGGT-1B safetensors, converted once with
+  ``geojax convert --family urgt --tensors-only model.pt DIR``): the aggregator and depth head
+  from VGGT-1B (:func:`geojax.convert.urgt.merge_vggt`), returned as the new source. Then, and
+  also when no init source is set, the prior embeddings and the heads' last convs start at
+  N(0, 1e-4) with zero bias (:func:`geojax.models.urgt.init_training_start`). ``init.weights``
+  / ``init.checkpoint`` (fine-tuning a URGT) are left as they are."""
+  vggt_path = init.get("vggt", "")
+  if vggt_path:
+    if init.get("weights") or init.get("checkpoint"):
+      raise ValueError("init: init.vggt starts training from VGGT-1B; it excludes init.weights "
+                       "and init.checkpoint")
+    from geojax.convert import urgt as urgt_conv
+    from geojax.convert.torch_layout import read_safetensors
+    if not os.path.exists(vggt_path):
+      raise FileNotFoundError(f"init.vggt {vggt_path}: no such file or directory")
+    try:
+      src, loaded, kept, dropped = urgt_conv.merge_vggt(model, read_safetensors(vggt_path,
+                                                                                "urgt")[0])
+    except ValueError as e:
+      raise ValueError(f"init.vggt {vggt_path}: {e}") from None
+    urgt.init_training_start(src)
+    print(f"URGT init: {len(loaded)} tensors from VGGT-1B, {len(kept)} kept at their "
+          f"initialisation (prior embeddings, normal head), {len(dropped)} VGGT head tensors "
+          "dropped", flush=True)
+    return src
   if not init.get("weights") and not init.get("checkpoint"):
     urgt.init_training_start(model)
   return None

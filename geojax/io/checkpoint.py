@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, SingleDeviceSharding
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -46,10 +48,26 @@ def read_model_info(path: str) -> dict[str, Any]:
   return dict(out["model"])
 
 
+def _concrete_target(leaf):
+  """An abstract leaf created under ``jax.set_mesh`` carries a sharding over the abstract mesh,
+  which Orbax cannot place: give it the active concrete mesh (same axes) or the default
+  device."""
+  sharding = getattr(leaf, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not isinstance(sharding.mesh, AbstractMesh):
+    return leaf
+  mesh = jax.sharding.get_mesh()
+  if tuple(mesh.axis_names) == tuple(sharding.mesh.axis_names):
+    target = NamedSharding(mesh, sharding.spec)
+  else:
+    target = SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target)
+
+
 def restore_state(path: str, model: nnx.Module) -> nnx.Module:
   """Load the parameters at ``path`` into ``model`` (same structure; abstract is fine)."""
   path = os.path.abspath(path)
   graphdef, abstract = nnx.split(model)
+  abstract = jax.tree.map(_concrete_target, abstract)
   out = _checkpointer().restore(path, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract)))
   return nnx.merge(graphdef, out["state"])
