@@ -450,3 +450,15 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
   for fn, name in cases:
     with pytest.raises(ValueError, match=name):
       fn()
+
+
+def test_masked_quantile_is_torch_quantile_of_the_masked_values():
+  """Linear interpolation at q (n - 1) over the masked elements only (static shapes)."""
+  from geojax.geometry.alignment import masked_quantile
+  rng = np.random.default_rng(0)
+  v = rng.normal(size=(7, 9)).astype(np.float32)
+  m = rng.uniform(size=(7, 9)) > 0.3
+  v[~m] = 1e6  # never counted
+  for q in (0.0, 0.02, 0.5, 0.98, 1.0):
+    want = np.quantile(v[m].astype(np.float64), q, method="linear")
+    assert float(masked_quantile(v, m, q)) == pytest.approx(want, rel=1e-6)

@@ -104,6 +104,21 @@ def _points_pair(src, dst, name_src: str = "src", name_dst: str = "dst"):
 # scale and scale-shift (closed forms)
 
 
+def masked_quantile(v: jax.Array, mask: jax.Array, q: float) -> jax.Array:
+  """``torch.quantile(v[mask], q)`` (linear interpolation at ``q (n - 1)``) with static shapes:
+  ``v`` and ``mask`` of one shape, reduced over all their elements."""
+  v, mask = jnp.reshape(v, -1), jnp.reshape(mask, -1).astype(bool)
+  n = jnp.sum(mask)
+  srt = jnp.sort(jnp.where(mask, v, jnp.inf))
+  pos = jnp.float32(q) * (jnp.maximum(n, 1) - 1).astype(jnp.float32)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+  frac = pos - lo
+  a, b = srt[lo], srt[hi]
+  # torch.lerp's two-sided form, so that both ends are exact
+  return jnp.where(frac < 0.5, a + frac * (b - a), b - (b - a) * (1 - frac))
+
+
 def _masked_median(x, m, nax: int):
   """Median over the valid entries of the last ``nax`` axes (mean of the two middle values for
   an even count, as ``numpy.median``); returns ``(median, count)``, median 0 when empty."""

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from geojax.geometry import camera
+from geojax.geometry.alignment import masked_quantile
 from geojax.geometry.ray_pose import pose_from_rays
 from geojax.nn import layers, rope, views
 from geojax.nn.alternating import GLOBAL, LOCAL, run_schedule
@@ -243,19 +244,6 @@ class CameraDecoder(nnx.Module):
     return jnp.concatenate([self.fc_t(tok), self.fc_qvec(tok), jax.nn.relu(self.fc_fov(tok))], -1)
 
 
-def _masked_quantile(v: jax.Array, mask: jax.Array, q: float) -> jax.Array:
-  """``torch.quantile(v[mask], q)`` (linear interpolation) with a static shape."""
-  v, mask = v.reshape(-1), mask.reshape(-1)
-  n = mask.sum()
-  srt = jnp.sort(jnp.where(mask, v, jnp.inf))
-  pos = q * (jnp.maximum(n, 1) - 1).astype(jnp.float32)
-  lo = jnp.floor(pos).astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
-  frac = pos - lo
-  a, b = srt[lo], srt[hi]
-  return jnp.where(frac < 0.5, a + frac * (b - a), b - (b - a) * (1 - frac))
-
-
 def _check_inputs(images, extrinsics, intrinsics):
   layers.check_image_batch(images, "images", multiple=PATCH)
   b, s = images.shape[:2]
@@ -392,7 +380,7 @@ class DA3(nnx.Module):
     """Monocular sky handling: sky pixels get the 99th percentile of non-sky depth (if both
     regions have more than 10 pixels). Exact quantile over all pixels of the batch."""
     non_sky = sky < threshold
-    q = _masked_quantile(depth, non_sky, 0.99)
+    q = masked_quantile(depth, non_sky, 0.99)
     ok = (non_sky.sum() > 10) & ((~non_sky).sum() > 10)
     return jnp.where(ok & ~non_sky, q, depth)
 
@@ -412,7 +400,7 @@ class NestedDA3(nnx.Module):
     focal = (k[..., 0, 0] + k[..., 1, 1]) / 2
     metric = met["depth"] * (focal[..., None, None] / 300.0)
     non_sky = met["sky"] < 0.3
-    median_conf = _masked_quantile(out["depth_conf"], non_sky, 0.5)
+    median_conf = masked_quantile(out["depth_conf"], non_sky, 0.5)
     mask = ((out["depth_conf"] >= median_conf) & non_sky & (metric > 1e-2)
             & (out["depth"] > 1e-3))
     d = jnp.where(mask, out["depth"], 0.0)
@@ -421,7 +409,7 @@ class NestedDA3(nnx.Module):
     scale = jnp.where(mask.any(), num / den, 1.0)
     depth = out["depth"] * scale
     ext = out["extrinsics"].at[..., :3, 3].multiply(scale)
-    sky_depth = jnp.minimum(_masked_quantile(depth, non_sky, 0.99), 200.0)
+    sky_depth = jnp.minimum(masked_quantile(depth, non_sky, 0.99), 200.0)
     out.update(depth=jnp.where(non_sky, depth, sky_depth),
                depth_conf=jnp.where(non_sky, out["depth_conf"], 1.0),
                extrinsics=ext, sky=met["sky"], scale_factor=scale, is_metric=True)

@@ -1,0 +1,1 @@
+"""Diffusion and flow-matching utilities shared by generative geometry models."""
