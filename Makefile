@@ -53,6 +53,7 @@ bench: $(VENV)/.test-installed
 	$(PY) bench/attention.py
 	$(PY) bench/dage.py --preset dage-tiny --pi3-preset pi3-tiny --frames 2,4,8,16 --res 140x252
 	$(PY) bench/urgt.py --preset urgt-tiny --attn chunked --res 1080x1920,2160x3840,4320x7680
+	$(PY) bench/ppd.py --preset ppd-tiny --res 256x320,512x640,768x1024 --steps 1,4,10 --cascade
 
 clean:
 	rm -rf $(VENV) outputs runs/demo runs/demo-* .pytest_cache
