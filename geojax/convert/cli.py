@@ -11,12 +11,17 @@ itself or its ``model`` / ``state_dict`` / ``module`` entry, or, for a family wi
 a config for ``config.json``), written as ``OUT_DIR/model.safetensors`` (+ ``config.json``
 naming the preset) and then loaded back with the
 family's official loader, so a file that does not fit the family fails here and not later.
+
+``--with OTHER`` passes a second official checkpoint (a pickle or a ``.safetensors`` file) to the
+family's hook, for models whose release is split over files (PPD: the DiT and its frozen
+semantic encoder).
 Exit status 0 on success, 2 with a one-line message otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -73,8 +78,21 @@ def read_pickled_state_dict(path: str) -> dict:
   return state_dict_of(read_pickled_checkpoint(path), path)
 
 
+def _read_other(path: str):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--with {path}: no such file")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return load_file(path)
+  if not path.lower().endswith(PICKLE_EXTS):
+    raise ValueError(f"--with {path}: expected a pickled PyTorch checkpoint "
+                     f"({', '.join(PICKLE_EXTS)}) or a .safetensors file")
+  return read_pickled_checkpoint(path)
+
+
 def convert(src: str, dst: str, family: str, *, preset: str | None = None,
-            overwrite: bool = False, tensors_only: bool = False) -> str:
+            overwrite: bool = False, tensors_only: bool = False,
+            other: str | None = None) -> str:
   """Convert ``src`` into ``dst/model.safetensors`` and check that it loads; returns ``dst``.
 
   ``tensors_only``: skip the load check, for a checkpoint that is a part of the family's
@@ -96,10 +114,14 @@ def convert(src: str, dst: str, family: str, *, preset: str | None = None,
   target = os.path.join(dst, "model.safetensors")
   if os.path.exists(target) and not overwrite:
     raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+  if other is not None and (fam.convert_state_dict is None or len(
+      inspect.signature(fam.convert_state_dict).parameters) < 2):
+    raise ValueError(f"family {family!r} converts a single checkpoint; drop --with")
   obj = read_pickled_checkpoint(src)
   config = None
   if fam.convert_state_dict is not None:  # the whole checkpoint -> tensors [, config]
-    sd = fam.convert_state_dict(obj)
+    sd = (fam.convert_state_dict(obj) if other is None
+          else fam.convert_state_dict(obj, _read_other(other)))
     if isinstance(sd, tuple):
       sd, config = sd
   else:
@@ -132,10 +154,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tensors-only", action="store_true",
                  help="write the tensors without checking that they load as a model of the "
                       "family (for parts of its initialisation, e.g. MoGe-2 for DAGE)")
+  p.add_argument("--with", dest="other", default=None, metavar="OTHER",
+                 help="a second official checkpoint the model needs (PPD: its semantic "
+                      "encoder's, e.g. depth_anything_v2_vitl.pth, MoGe-2's model.pt, "
+                      "pi3.safetensors)")
   try:
     a = p.parse_args(argv)
     convert(a.src, a.dst, a.family, preset=a.preset, overwrite=a.overwrite,
-            tensors_only=a.tensors_only)
+            tensors_only=a.tensors_only, other=a.other)
   except SystemExit as e:
     return int(e.code or 0)
   except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

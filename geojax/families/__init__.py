@@ -11,4 +11,5 @@ another package through the ``geojax.families`` entry-point group.
 from geojax.families import da3  # noqa: F401
 from geojax.families import dage  # noqa: F401
 from geojax.families import pi3  # noqa: F401
+from geojax.families import ppd  # noqa: F401
 from geojax.families import urgt  # noqa: F401

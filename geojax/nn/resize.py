@@ -5,6 +5,7 @@
   express it (it uses A = -0.5 and size-based coordinates).
 * :func:`resize_pos_embed_antialias` - the size-based antialiased bicubic of register models
   (Pi3/VGGT/DAGE/URGT), which ``jax.image.resize(..., antialias=True)`` matches.
+* :func:`resize_bicubic` - size-based bicubic, ``align_corners=False``, no antialias.
 * :func:`resize_bilinear_align_corners` - the DPT upsampler.
 * :func:`resize_bilinear` - bilinear with ``align_corners=False``, with or without antialias.
 * :func:`legacy_nearest_index` - the source indices of torch's legacy ``"nearest"`` mode.
@@ -33,21 +34,45 @@ def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
   return np.stack([far(t + one), near(t), near(one - t), far(2 - t)], -1).astype(np.float32)
 
 
+def _bicubic_rows(src: np.ndarray, n_in: int, a: float) -> np.ndarray:
+  """(n_out, n_in) bicubic weights for float32 source coordinates ``src`` (taps clamped)."""
+  i0 = np.floor(src).astype(np.int64)
+  t = (src - i0.astype(np.float32)).astype(np.float32)
+  w = _cubic_weights(t, a)
+  m = np.zeros((len(src), n_in), np.float64)
+  for k in range(4):
+    idx = np.clip(i0 - 1 + k, 0, n_in - 1)  # torch clamps out-of-range taps to the border
+    np.add.at(m, (np.arange(len(src)), idx), w[:, k])
+  return m.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """(n_out, n_in) matrix of torch's size-based bicubic resize (``align_corners=False``)."""
+  inv = np.float32(n_in) / np.float32(n_out)  # torch: area_pixel_compute_scale in float32
+  dst = np.arange(n_out, dtype=np.float32)
+  return _bicubic_rows(inv * (dst + np.float32(0.5)) - np.float32(0.5), n_in, a)
+
+
+def resize_bicubic(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+  """``F.interpolate(x, out_hw, mode="bicubic", align_corners=False)`` (no antialias, A =
+  -0.75, no clamp of the result) for channels-last ``(..., H, W, C)``; the Depth Anything V2
+  semantic encoder's input resize. ``jax.image.resize`` differs (A = -0.5)."""
+  h, w = x.shape[-3], x.shape[-2]
+  hp = jax.lax.Precision.HIGHEST
+  ry = jnp.asarray(_bicubic_matrix(h, int(out_hw[0])), x.dtype)
+  rx = jnp.asarray(_bicubic_matrix(w, int(out_hw[1])), x.dtype)
+  x = jnp.einsum("yi,...ixc->...yxc", ry, x, precision=hp)
+  return jnp.einsum("xj,...yjc->...yxc", rx, x, precision=hp)
+
+
 @functools.lru_cache(maxsize=64)
 def _bicubic_matrix_scale_factor(n_in: int, n_out: int, scale_factor: float,
                                  a: float = -0.75) -> np.ndarray:
   """(n_out, n_in) matrix of torch's bicubic resize along one axis with a given scale factor."""
   inv = np.float32(1.0 / scale_factor)  # torch: compute_scales_value -> 1 / scale
   dst = np.arange(n_out, dtype=np.float32)
-  src = inv * (dst + np.float32(0.5)) - np.float32(0.5)
-  i0 = np.floor(src).astype(np.int64)
-  t = (src - i0.astype(np.float32)).astype(np.float32)
-  w = _cubic_weights(t, a)
-  m = np.zeros((n_out, n_in), np.float64)
-  for k in range(4):
-    idx = np.clip(i0 - 1 + k, 0, n_in - 1)  # torch clamps out-of-range taps to the border
-    np.add.at(m, (np.arange(n_out), idx), w[:, k])
-  return m.astype(np.float32)
+  return _bicubic_rows(inv * (dst + np.float32(0.5)) - np.float32(0.5), n_in, a)
 
 
 def resize_pos_embed_scale_factor(grid: jax.Array, out_hw: tuple[int, int],
