@@ -93,7 +93,7 @@ def main() -> int:
                   help="run directory (default runs/demo-<family>; make demo uses runs/demo)")
   ap.add_argument("--summary", default=None, help="summary JSON (default WORKDIR/summary.json)")
   ap.add_argument("--steps", type=int, default=None, help="training steps (default: runlocal's)")
-  ap.add_argument("--overwrite", action="store_true", help="delete a finished demo and retrain")
+  ap.add_argument("--overwrite", action="store_true", help="delete the demo run (finished or not) and train afresh")
   args = ap.parse_args()
 
   from absl import logging
@@ -117,18 +117,18 @@ def main() -> int:
     config.total_steps = args.steps
   summary_path = os.path.abspath(args.summary or os.path.join(workdir, "summary.json"))
   config.summary_path = summary_path
-  if os.path.exists(summary_path):
+  if args.overwrite:  # a fresh run: also drops the checkpoints of an older demo config
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.path.exists(summary_path):  # a --summary outside the workdir
+      os.remove(summary_path)
+  elif os.path.exists(summary_path):
     with open(summary_path) as f:
       previous = json.load(f)
     if previous.get("steps") == config.total_steps and not previous.get("preempted"):
-      if not args.overwrite:
-        print(f"{workdir} already holds a finished demo run; pass --overwrite "
-              f"(make demo-{family.name} DEMO_ARGS=--overwrite) to train again.")
-        print_summary(previous, summary_path, family.name, family.demo.rows)
-        return 0
-      shutil.rmtree(workdir, ignore_errors=True)
-      if os.path.exists(summary_path):  # a --summary outside the workdir
-        os.remove(summary_path)
+      print(f"{workdir} already holds a finished demo run; pass --overwrite "
+            f"(make demo-{family.name} DEMO_ARGS=--overwrite) to train again.")
+      print_summary(previous, summary_path, family.name, family.demo.rows)
+      return 0
 
   tune_host_allocator()
   enable_compilation_cache()

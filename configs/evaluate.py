@@ -29,7 +29,8 @@ Fields:
     need ground-truth normals / tracks in the scenes, and ``seam`` a model that refines crops
     (URGT; a provisional metric).
   depth_align: alignment of predicted to GT depth per view before depth metrics:
-    ``none``, ``median``, ``scale``, ``scale_shift`` or ``disparity_affine``.
+    ``none``, ``median``, ``scale``, ``scale_shift``, ``disparity_affine`` or ``log_affine``
+    (affine in ``log(1 + d)``); the family's default (PPD: ``log_affine``), else ``median``.
   pose_thresholds: AUC thresholds in degrees.
   pointcloud_threshold: precision/recall distance in GT units (metres for synthetic scenes);
     predicted points are aligned to GT points by Umeyama Sim(3) over pixel correspondences.
@@ -57,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       source="synthetic", path="", images="", seed=0, num_scenes=4, num_views=4, height=280,
       width=504, max_depth=0.0, dynamic=False))
   c.metrics = "all"
-  c.depth_align = "median"
+  c.depth_align = family.depth_align or "median"
   c.pose_thresholds = (3, 5, 15, 30)
   c.pointcloud_threshold = 0.05
   c.pointcloud_max_points = 200_000

@@ -5,6 +5,7 @@ ensemble, log-space alignment to a DA3 model) and with PPVD on a short video, ba
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -244,13 +245,13 @@ def test_predict_images_seed_ensemble(ckpts, photos, tmp_path):
   model, _ = load_model(ckpts["ppd"])
   ims = [np.asarray(Image.open(photos / f"v{i}.png")) for i in range(2)]
   opts = dict(steps=2, area=H * W)
-  a = fam.predict(model, ims, seed=0, **opts)
+  a = fam.predict(model, ims, noise_seed=0, **opts)
   assert a.depth.shape == (2, H, W) and np.isfinite(a.depth).all()
-  np.testing.assert_array_equal(fam.predict(model, ims, seed=0, **opts).depth, a.depth)
-  b = fam.predict(model, ims, seed=5, **opts)
+  np.testing.assert_array_equal(fam.predict(model, ims, noise_seed=0, **opts).depth, a.depth)
+  b = fam.predict(model, ims, noise_seed=5, **opts)
   assert np.abs(b.depth - a.depth).max() > 1e-3
   # ensemble member e of image i uses the seed stream of image i: check against two runs
-  e2 = fam.predict(model, ims[:1], seed=0, ensemble=2, **opts).depth[0]
+  e2 = fam.predict(model, ims[:1], noise_seed=0, ensemble=2, **opts).depth[0]
   x = jnp.asarray(np.asarray(Image.open(photos / "v0.png"))[None] / 255.0, jnp.float32)
   noise = jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), (2, 1, H, W))
   one = [np.asarray(pipe.depth(model, x, noise[e:e + 1], steps=2))[0] for e in range(2)]
@@ -297,6 +298,8 @@ def test_predict_video_with_ppvd(tmp_path, capsys):
   root = out / "clip"
   d = np.stack([np.load(root / "depth" / f"f{i:03d}.npy") for i in range(5)])
   assert d.shape == (5, 40, 56) and np.isfinite(d).all()
+  strip = np.asarray(Image.open(root / "strip.png"))
+  assert strip.shape == (2 * 40, 5 * 56, 3)  # five frames, image over depth
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -318,3 +321,21 @@ def test_family_registered():
   assert all(registry.family_for_preset(p) is f for p in pipe.PRESET_NAMES)
   assert f.predicts({"preset": "ppd"}) == ("depth",)
 
+
+def test_evaluate_scores_ppd(ckpts, tmp_path):
+  """evaluate.py on a PPD checkpoint: log-space alignment by default, AbsRel / delta1, the
+  edge-aware Chamfer distance and the flying-pixel ratio."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)
+  import evaluate
+  from configs import evaluate as eval_config
+  cfg = eval_config.get_config("ppd-tiny")
+  assert cfg.model.family == "ppd" and cfg.depth_align == "log_affine"
+  cfg.model.update(checkpoint=ckpts["ppd"], steps=2, area=H * W)
+  cfg.data.update(num_scenes=1, num_views=1, height=H, width=W)
+  cfg.metrics = "depth,edge"
+  cfg.out_dir = str(tmp_path / "eval")
+  mean = evaluate.evaluate(cfg)["mean"]
+  for key in ("abs_rel", "delta1", "edge_chamfer", "edge_flying_ratio"):
+    assert key in mean and np.isfinite(mean[key]), key
+  assert 0 <= mean["edge_flying_ratio"] <= 1

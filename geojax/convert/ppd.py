@@ -244,7 +244,9 @@ def pipeline_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
   dit_sd = {k[4:]: v for k, v in state_dict.items() if k.startswith("dit.")}
   sem_sd = {k[len(SEM):]: v for k, v in state_dict.items() if k.startswith(SEM)}
   if not dit_sd:
-    raise ValueError("PPD weights hold no dit.* tensors (the DiT)")
+    raise ValueError("PPD weights hold no dit.* tensors (the DiT); an encoder alone is "
+                     "converted with --tensors-only (for init.semantics) or passed with --with "
+                     "next to its DiT")
   if not sem_sd:
     raise ValueError("PPD weights hold no sem_encoder.* tensors: the released DiT checkpoints "
                      "do not include their frozen semantic encoder; convert with `geojax convert"
@@ -281,12 +283,32 @@ def load_pipeline(path: str | os.PathLike, config: pipe_lib.PipelineConfig | Non
   return pipeline_from_torch_state_dict(sd, config)
 
 
+def _moge_semantics(model_config: Mapping[str, Any] | None, sem: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+  """``{"semantics": {"taps", "out"}}`` from MoGe-2's ``model_config`` (else ``{}``): its
+  ``intermediate_layers`` (a list, or ``n``: the last ``n`` blocks) and ``dim_out``."""
+  enc = (model_config or {}).get("encoder") or {}
+  if "intermediate_layers" not in enc and "dim_out" not in enc:
+    return {}
+  taps = enc.get("intermediate_layers", 4)
+  blocks = [int(k.split(".")[3]) for k in sem if k.startswith("encoder.backbone.blocks.")]
+  depth = 1 + max(blocks, default=-1)
+  taps = list(range(depth - taps, depth)) if isinstance(taps, int) else [int(t) for t in taps]
+  return {"semantics": {"taps": taps, "out": int(enc.get("dim_out", 1024))}}
+
+
 def pipeline_checkpoint(dit: Mapping[str, Any], encoder: Any = None
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
   """``geojax convert``'s hook: an official DiT checkpoint (``ppd.pth``: the DiT's tensors,
   possibly under ``dit.``, or a whole ``PixelPerfectDepth`` state dict) and, unless it holds
   one, the encoder's official checkpoint -> ``(dit.* + sem_encoder.* tensors, config)``."""
-  tensors, _ = tl.checkpoint_tensors(dit, "PPD")
+  tensors, model_config = tl.checkpoint_tensors(dit, "PPD")
+  if encoder is None and "x_embedder.proj.weight" not in strip_prefix(tensors):
+    kind = semantics_kind(tensors)
+    if kind is not None:  # an encoder alone (``--tensors-only``, for init.semantics)
+      keep = {"da2": ("pretrained.",), "moge2": ("encoder.",)}.get(kind)
+      return ({k: v for k, v in tensors.items() if keep is None or k.startswith(keep)},
+              {"semantics_kind": kind, **_moge_semantics(model_config, tensors)})
   out = {"dit." + k: v for k, v in strip_prefix(tensors).items()}
   sem = {k[len(SEM):]: v for k, v in tensors.items() if k.startswith(SEM)}
   config: dict[str, Any] = {}
@@ -294,12 +316,7 @@ def pipeline_checkpoint(dit: Mapping[str, Any], encoder: Any = None
     if sem:
       raise ValueError("the DiT checkpoint already holds its sem_encoder.*; drop --with")
     sem, model_config = tl.checkpoint_tensors(encoder, "semantic encoder")
-    enc = (model_config or {}).get("encoder") or {}
-    if "intermediate_layers" in enc or "dim_out" in enc:  # MoGe-2's model_config
-      taps = enc.get("intermediate_layers", 4)
-      depth = 1 + max(int(k.split(".")[3]) for k in sem if k.startswith("encoder.backbone.blocks."))
-      taps = list(range(depth - taps, depth)) if isinstance(taps, int) else list(taps)
-      config["semantics"] = {"taps": taps, "out": int(enc.get("dim_out", 1024))}
+    config.update(_moge_semantics(model_config, sem))
   kind = semantics_kind(sem)
   if kind is None:
     raise ValueError("no semantic encoder: the released DiT checkpoints hold the DiT only; pass "

@@ -18,7 +18,8 @@ Used by ``evaluate.py``. Metric groups:
   pixels (:func:`geojax.eval.metrics.normal_metrics`), keys prefixed ``normal_``;
 - ``edge``: the edge-aware Chamfer distance on GT depth edges
   (:func:`geojax.eval.metrics.edge_chamfer`, prediction aligned as ``depth_align``, scale and
-  shift when that is ``none``), keys prefixed ``edge_``;
+  shift when that is ``none``) and the flying-pixel ratio at those edges
+  (:func:`geojax.eval.metrics.flying_pixels`), keys prefixed ``edge_``;
 - ``seam`` (models that return per-crop predictions, URGT): ``seam_ce_provisional``, the mean
   absolute depth difference between overlapping crops relative to the mean depth
   (:func:`seam_error`); a stand-in for the paper's Consistency Error, whose definition is not
@@ -144,14 +145,16 @@ def edge_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
   rows = []
   for i in range(scene["depth"].shape[0]):
     try:
-      rows.append(M.edge_chamfer(pred["depth"][i], scene["depth"][i], scene["intrinsics"][i],
-                                 mask[i], align=align))
+      row = M.edge_chamfer(pred["depth"][i], scene["depth"][i], scene["intrinsics"][i],
+                           mask[i], align=align)
+      row.update(M.flying_pixels(pred["depth"][i], scene["depth"][i], mask[i], align=align))
+      rows.append(row)
     except ValueError:  # no valid pixel on a GT edge in this view (a flat view)
       continue
   if not rows:
     return {}
   return {f"edge_{k}": float(np.mean([r[k] for r in rows]))
-          for k in ("chamfer", "accuracy", "completeness")}
+          for k in ("chamfer", "accuracy", "completeness", "flying_ratio")}
 
 
 def seam_error(patches: np.ndarray, boxes: np.ndarray) -> float:

@@ -23,7 +23,8 @@ from scipy.spatial import cKDTree
 from geojax.geometry.alignment import align_depth, apply_sim3, umeyama
 from geojax.geometry.edges import canny
 
-DEPTH_ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine")
+DEPTH_ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine",
+                     "log_affine")
 POINTMAP_ALIGN_MODES = ("none", "scale", "scale_shift")
 NORMAL_THRESHOLDS = (5.0, 7.5, 11.25, 22.5, 30.0)
 # TAPVid-3D ``use_fixed_metric_threshold``: pixel threshold -> metres.
@@ -518,6 +519,56 @@ def _backproject(depth: np.ndarray, kinv: np.ndarray, sel: np.ndarray) -> np.nda
   return (pix @ kinv.T) * depth[v, u][:, None]
 
 
+def gt_depth_edges(gt: np.ndarray, valid: np.ndarray, low: float = 100, high: float = 200
+                   ) -> np.ndarray:
+  """Variant A's edge pixels: GT depth min-max normalised over ``valid`` (invalid pixels 0),
+  scaled by 255 and truncated to uint8, ``canny(img, low, high)``, intersected with ``valid``."""
+  lo, hi = gt[valid].min(), gt[valid].max()
+  norm = np.where(valid, (gt - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
+  img = (np.clip(norm, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return np.asarray(canny(img, low, high)).astype(bool) & valid
+
+
+def flying_pixels(pred_depth: Any, gt_depth: Any, mask: Any = None, *, window: int = 5,
+                  threshold: float = 0.05, low: float = 100, high: float = 200,
+                  align: str = "scale_shift") -> dict[str, Any]:
+  """Flying pixels at depth discontinuities (PPD's target failure of latent depth models).
+
+  On the GT depth edges of :func:`gt_depth_edges` (valid pixels), the prediction (aligned to the
+  GT on all valid pixels with ``align_depth(..., mode=align)``) is a *flying pixel* when it is
+  farther than ``threshold`` (relative) from **both** surfaces that meet there: the nearest and
+  the farthest valid GT depth in the ``window x window`` neighbourhood, i.e. it floats between
+  foreground and background. Returns ``flying_ratio`` (flying / edge pixels), ``flying_count``
+  and ``edge_pixels``; raises ``ValueError`` when the view has no valid edge pixel.
+  """
+  from scipy import ndimage
+  if align not in DEPTH_ALIGN_MODES:
+    raise ValueError(f"unknown align {align!r}; expected one of {DEPTH_ALIGN_MODES}")
+  if window < 3 or window % 2 == 0:
+    raise ValueError(f"window must be an odd size >= 3; got {window}")
+  p, g = _f64(pred_depth), _f64(gt_depth)
+  if g.ndim != 2 or p.shape != g.shape:
+    raise ValueError(f"pred_depth and gt_depth must both be (H, W); got {p.shape}, {g.shape}")
+  m = _mask_like("mask", mask, g.shape, "gt_depth.shape")
+  valid = m & np.isfinite(g) & (g > 0) & np.isfinite(p)
+  if not valid.any():
+    raise ValueError("flying_pixels: the valid mask is empty")
+  if align != "none":
+    with _x64():
+      p = _f64(align_depth(p, g, valid, mode=align))
+  sel = gt_depth_edges(g, valid, low, high)
+  if not sel.any():
+    raise ValueError("flying_pixels: no valid pixel lies on a GT depth edge")
+  near = ndimage.minimum_filter(np.where(valid, g, np.inf), size=window, mode="nearest")
+  far = ndimage.maximum_filter(np.where(valid, g, -np.inf), size=window, mode="nearest")
+  off_near = np.abs(p - near) > threshold * near
+  off_far = np.abs(p - far) > threshold * far
+  flying = sel & off_near & off_far
+  n_edge = int(sel.sum())
+  return {"flying_ratio": float(flying.sum() / n_edge), "flying_count": int(flying.sum()),
+          "edge_pixels": n_edge}
+
+
 def edge_chamfer(pred_depth: Any, gt_depth: Any, K: Any, mask: Any = None, low: float = 100,
                  high: float = 200, align: str = "scale_shift") -> dict[str, Any]:
   """Edge-aware Chamfer distance, label **"edge-CD (A)"** (PPD, arXiv 2510.07316).
@@ -556,11 +607,7 @@ def edge_chamfer(pred_depth: Any, gt_depth: Any, K: Any, mask: Any = None, low: 
   if align != "none":
     with _x64():
       p = _f64(align_depth(p, g, valid, mode=align))
-  lo, hi = g[valid].min(), g[valid].max()
-  norm = np.where(valid, (g - lo) / (hi - lo) if hi > lo else 0.0, 0.0)
-  img = (np.clip(norm, 0.0, 1.0) * 255.0).astype(np.uint8)
-  edges = np.asarray(canny(img, low, high)).astype(bool)
-  sel = edges & valid & np.isfinite(p)
+  sel = gt_depth_edges(g, valid, low, high) & np.isfinite(p)
   if not sel.any():
     raise ValueError("edge_chamfer: no valid pixel lies on a GT depth edge (empty edge mask)")
   kinv = np.linalg.inv(k)

@@ -9,7 +9,7 @@
 - inference on images (:func:`predict`, image presets): each image resized to the official
   inference size (the area of 1024 x 768 at its aspect ratio, sides multiples of 16; box filter
   when shrinking, bicubic when enlarging), the Euler sampler (``--steps``, default 4) from
-  ``--ensemble`` noise seeds (``--seed``; their mean), the result resized back (bilinear). The
+  ``--ensemble`` noise seeds (``--seed``, option ``noise_seed``; their mean), the result resized back (bilinear). The
   output is PPD's affine-normalised log-depth (``latent + 0.5``: 0 near, 1 far; not metric);
 - ``--align-to WEIGHTS`` (any geojax model that predicts depth and cameras, e.g. DA3 or Pi3):
   that model's depth fixes the affine map in log space per image (least squares of
@@ -22,8 +22,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -35,7 +37,7 @@ from flax import nnx
 from PIL import Image
 
 from geojax.models import ppd, ppd_pipeline
-from geojax.models.registry import Family, PredictArg, config_overrides, register
+from geojax.models.registry import Demo, Family, PredictArg, config_overrides, register
 from geojax.nn import resize
 from geojax.predict.core import Prediction
 
@@ -137,7 +139,7 @@ def _check_options(steps, ensemble) -> None:
 
 def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarray | None = None,
             intrinsics: np.ndarray | None = None, names: list[str] | None = None,
-            mesh: jax.sharding.Mesh | None = None, steps: int = 4, seed: int = 0,
+            mesh: jax.sharding.Mesh | None = None, steps: int = 4, noise_seed: int = 0,
             ensemble: int = 1, align_to: str | None = None, area: int = AREA) -> Prediction:
   """PPD on each image, or PPVD on the frames as one video (module docstring). ``area``: pixels
   of the image model's inference size."""
@@ -147,10 +149,10 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
   names = list(names) if names is not None else [f"view {i}" for i in range(len(images))]
   t0 = time.perf_counter()
   if model.video:
-    rel, pixels = _predict_video(model, images, steps=int(steps), seed=int(seed),
+    rel, pixels = _predict_video(model, images, steps=int(steps), seed=int(noise_seed),
                                  ensemble=int(ensemble))
   else:
-    rel, pixels = _predict_images(model, images, steps=int(steps), seed=int(seed),
+    rel, pixels = _predict_images(model, images, steps=int(steps), seed=int(noise_seed),
                                   ensemble=int(ensemble), area=int(area))
   seconds = time.perf_counter() - t0
   depth, ks, exts, warn = rel, None, None, []
@@ -213,13 +215,212 @@ def _align(rel, pixels, path, intrinsics, extrinsics):
   return depth, np.asarray(ref["intrinsics"]), np.asarray(ref["extrinsics"])
 
 
+# ------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class PPDTask:
+  """PPD / PPVD training (``configs/ppd.py``; reference ``ppd.md`` section 3).
+
+  A batch holds ``B`` samples of ``S`` views (uint8 images, metric depth, validity). Depth that
+  is invalid, non-finite or not positive is masked, and the non-finite pixels are counted
+  (``nonfinite_px``), so a bad sample never turns into a NaN step. The frozen encoder's
+  semantics carry no gradient. Images (``video=False``, ``S = 1``): the official loss
+  (:func:`geojax.losses.ppd.flow_matching_loss`) over the batch. Video (``video=True``):
+  every sample is one window of ``S`` frames, with one timestep and one depth normalisation
+  per window (geojax's recipe), averaged over the windows."""
+  video: bool = False
+  pretrain: bool = False
+  grad_weight: float = 0.2
+  loc: float = 0.0
+  scale: float = 1.0
+  family: str = "ppd"
+
+  def loss_fn(self, model, batch: dict[str, Any], rng: jax.Array
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    from geojax.losses import ppd as L
+    images = jnp.asarray(batch["images"], jnp.float32) / 255.0
+    depth = jnp.asarray(batch["depth"], jnp.float32)
+    finite = jnp.isfinite(depth)
+    mask = jnp.asarray(batch["valid"], bool) & finite & (depth > 0)
+    depth = jnp.where(mask, depth, 0.0)
+    kw = dict(pretrain=self.pretrain, grad_weight=self.grad_weight, loc=self.loc,
+              scale=self.scale)
+    if self.video:
+      outs = []
+      for i in range(images.shape[0]):  # one window per sample: the video DiT's batch
+        x = images[i]
+        outs.append(L.flow_matching_loss(model.dit, x, model.semantics(x), depth[i], mask[i],
+                                         key=jax.random.fold_in(rng, i), window=True, **kw))
+      parts = {k: jnp.mean(jnp.stack([o[k] for o in outs])) for k in ("mse", "grad", "total")}
+    else:
+      x = images[:, 0]
+      parts = L.flow_matching_loss(model.dit, x, model.semantics(x), depth[:, 0], mask[:, 0],
+                                   key=rng, **kw)
+    aux = {"mse": parts["mse"], "grad": parts["grad"],
+           "nonfinite_px": jnp.sum(~finite).astype(jnp.float32),
+           "valid_frac": jnp.mean(mask.astype(jnp.float32))}
+    return parts["total"], aux
+
+
+def make_task(config) -> PPDTask:
+  """:class:`PPDTask` from ``config.model.preset`` and ``config.loss``; the pipeline must give
+  single images (PPD) or windows of frames at the video DiT's size (PPVD)."""
+  preset = config.model.preset
+  cfg = ppd_pipeline.get_config(preset)
+  pipe = config.data.pipeline
+  buckets = [tuple(int(v) for v in b) for b in pipe.get("buckets", ())]
+  if any(h % ppd.GRID or w % ppd.GRID for h, w in buckets):
+    raise ValueError(f"PPD trains on sizes that are multiples of {ppd.GRID}; "
+                     f"data.pipeline.buckets = {buckets}")
+  lo, hi = int(pipe.get("min_views", 1)), int(pipe.get("max_views", 1))
+  if cfg.video:
+    size = cfg.dit.size
+    if any(b != (size, size) for b in buckets):
+      raise ValueError(f"PPVD trains on {size} x {size} windows: data.pipeline.buckets must be "
+                       f"(({size}, {size}),); got {buckets}")
+    if lo != hi or lo < cfg.dit.ref_frames:
+      raise ValueError(f"PPVD trains on windows of a fixed number (>= {cfg.dit.ref_frames}) of "
+                       f"frames: set data.pipeline.min_views = max_views (16 as released); got "
+                       f"{lo}..{hi}")
+  elif lo != 1 or hi != 1:
+    raise ValueError("PPD trains on single images: set data.pipeline.min_views = max_views = 1")
+  loss = dict(config.get("loss", {}))
+  unknown = sorted(set(loss) - {"pretrain", "grad_weight", "loc", "scale"})
+  if unknown:
+    raise ValueError(f"config.loss has unknown fields {unknown}; expected pretrain, "
+                     "grad_weight, loc, scale")
+  return PPDTask(video=cfg.video, pretrain=bool(loss.get("pretrain", False)),
+                 grad_weight=float(loss.get("grad_weight", 0.2)),
+                 loc=float(loss.get("loc", 0.0)), scale=float(loss.get("scale", 1.0)))
+
+
+def model_config(mconfig) -> dict[str, Any]:
+  """The stored model config: the preset and runtime fields."""
+  from geojax.train.trainer import DTYPES
+  if mconfig.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}; got {mconfig.dtype!r}")
+  over = dict(attn_impl=mconfig.attn_impl, remat=mconfig.remat, scan=bool(mconfig.scan))
+  if DTYPES[mconfig.dtype]:
+    over["dtype"] = DTYPES[mconfig.dtype]
+  return {"preset": mconfig.preset, "overrides": over}
+
+
+def init_training_start(dit, seed: int = 0):
+  """A copy of the DiT at the official training initialisation (reference ``ppd.md`` section
+  1): xavier-uniform linears and patch embedding (as a linear) with zero biases, N(0, 0.02)
+  timestep MLP weights, zero adaLN modulations and final linear; norms as built (the video
+  DiT's position table is fixed)."""
+  from geojax.convert import ppd as conv
+  sd = conv.to_torch_state_dict(dit)
+  rng = np.random.default_rng(seed)
+  for k in sorted(sd):
+    v = sd[k]
+    if k == conv.POS_EMBED or not k.endswith(".weight") or v.ndim < 2:
+      continue
+    bias = k[:-len("weight")] + "bias"
+    if "adaLN_modulation" in k or k.startswith("final_layer.linear."):
+      new = np.zeros_like(v)
+    elif k.startswith("t_embedder.mlp."):
+      new = rng.normal(0.0, 0.02, v.shape)
+    else:
+      fan_out, fan_in = v.shape[0], int(np.prod(v.shape[1:]))
+      a = math.sqrt(6.0 / (fan_in + fan_out))
+      new = rng.uniform(-a, a, v.shape)
+    sd[k] = new.astype(np.float32)
+    if bias in sd:
+      sd[bias] = np.zeros_like(sd[bias])
+  return conv.from_torch_state_dict(sd, dit.cfg, strict_unexpected=True)
+
+
+# PPD DiT parts that start PPVD (geojax's recipe): the proj_fusion MLP (wider input) and the
+# temporal blocks are PPVD's own.
+_FROM_PPD = ("x_embedder.", "t_embedder.", "blocks.", "final_layer.")
+
+
+def _encoder_weights(path: str, cfg) -> nnx.Module:
+  from geojax.convert import ppd as conv
+  from geojax.convert.torch_layout import read_safetensors
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init.semantics {path}: no such file or directory")
+  sd, _ = read_safetensors(path, "ppd")
+  if any(k.startswith(conv.SEM) for k in sd):  # a converted whole model
+    sd = {k[len(conv.SEM):]: v for k, v in sd.items() if k.startswith(conv.SEM)}
+  kind = conv.semantics_kind(sd)
+  if kind != cfg.kind:
+    raise ValueError(f"init.semantics {path}: holds a {kind or 'unknown'} encoder; this preset "
+                     f"is prompted by {cfg.kind!r}")
+  try:
+    return conv.semantics_from_torch_state_dict(sd, cfg)
+  except ValueError as e:
+    raise ValueError(f"init.semantics {path}: {e}") from None
+
+
+def initialize(model: nnx.Module, init) -> nnx.Module | None:
+  """The training start (``configs/ppd.py``): the DiT at the official initialisation
+  (:func:`init_training_start`); for PPVD with ``init.ppd``, the spatial blocks, embedders and
+  final layer copied from that PPD's DiT; the frozen encoder from ``init.semantics`` (required
+  for the released presets). ``init.weights`` / ``init.checkpoint`` (fine-tuning a whole model)
+  are left as they are and exclude both."""
+  sem_path, ppd_path = init.get("semantics", ""), init.get("ppd", "")
+  if init.get("weights") or init.get("checkpoint"):
+    if sem_path or ppd_path:
+      raise ValueError("init: init.semantics / init.ppd start a new model; they exclude "
+                       "init.weights and init.checkpoint")
+    return None
+  cfg = model.cfg
+  if not sem_path and not cfg.dit.semantics.endswith("-tiny"):
+    raise ValueError(f"init.semantics is required: the {cfg.semantics.kind!r} encoder that "
+                     "prompts this preset must hold its released weights (a converted PPD "
+                     "directory, or the encoder converted with `geojax convert --family ppd "
+                     "--tensors-only`)")
+  if ppd_path and not cfg.video:
+    raise ValueError("init.ppd starts a PPVD from a PPD; this preset is an image model")
+  dit = init_training_start(model.dit)
+  if ppd_path:
+    dit = _from_ppd(dit, ppd_path)
+  enc = _encoder_weights(sem_path, cfg.semantics) if sem_path else model.sem_encoder
+  note = (f"encoder from {sem_path}" if sem_path else
+          "the tiny encoder at its random initialisation (frozen)")
+  print(f"PPD init: DiT at the official initialisation{' + PPD ' + ppd_path if ppd_path else ''}"
+        f", {note}", flush=True)
+  return ppd_pipeline.PixelPerfectDepth(dit, enc)
+
+
+def _from_ppd(dit, path: str):
+  """``dit`` (a PPVD) with :data:`_FROM_PPD` copied from the image DiT of PPD weights."""
+  from geojax.convert import ppd as conv
+  from geojax.predict import weights
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init.ppd {path}: no such file or directory")
+  try:
+    src, _ = weights.load_model(path)
+  except ValueError as e:
+    raise ValueError(f"init.ppd {path}: {e}") from None
+  if not isinstance(src, ppd_pipeline.PixelPerfectDepth) or src.video:
+    raise ValueError(f"init.ppd {path}: not PPD (image) weights")
+  have = conv.to_torch_state_dict(src.dit)
+  sd = conv.to_torch_state_dict(dit)
+  copied = 0
+  for k in sd:
+    if k.startswith(_FROM_PPD):
+      if k not in have or have[k].shape != sd[k].shape:
+        raise ValueError(f"init.ppd {path}: its DiT does not fit this PPVD ({k}: "
+                         f"{None if k not in have else have[k].shape} vs {sd[k].shape})")
+      sd[k] = have[k]
+      copied += 1
+  print(f"PPVD init: {copied} tensors from PPD {path}", flush=True)
+  return conv.from_torch_state_dict(sd, dit.cfg, strict_unexpected=True)
+
+
 PREDICT_ARGS = (
     PredictArg(("--area",), dict(type=int, default=AREA,
                                  help="PPD: pixels of the inference size (official 786432 = "
                                       "1024 x 768; aspect ratio kept, sides multiples of 16)")),
     PredictArg(("--steps",), dict(type=int, default=4,
                                   help="PPD: Euler sampling steps (official 4)")),
-    PredictArg(("--seed",), dict(type=int, default=0, help="PPD: seed of the initial noise")),
+    PredictArg(("--seed",), dict(type=int, default=0, dest="noise_seed",
+                                 help="PPD: seed of the initial noise")),
     PredictArg(("--ensemble",), dict(type=int, default=1,
                                      help="PPD: average the depth of N noise seeds")),
     PredictArg(("--align-to",), dict(default=None, metavar="WEIGHTS",
@@ -233,4 +434,10 @@ FAMILY = register(Family(
     name="ppd", build=build, predict=predict, predicts=predicts, load_official=load_official,
     presets=ppd_pipeline.PRESET_NAMES, model_types=(ppd_pipeline.PixelPerfectDepth,),
     identify_official=identify_official, convert_state_dict=convert_state_dict,
-    predict_args=PREDICT_ARGS, eval_options=dict(steps=4, seed=0, ensemble=1, area=AREA)))
+    predict_args=PREDICT_ARGS, make_task=make_task, model_config=model_config,
+    initialize=initialize, depth_align="log_affine", eval_options=dict(steps=4, noise_seed=0, ensemble=1, area=AREA),
+    demo=Demo(config_arg="runlocal", rows=(
+        ("depth AbsRel, log-space aligned (lower is better)", "abs_rel"),
+        ("depth delta1 (higher is better)", "delta1"),
+        ("edge-CD (A) (lower is better)", "edge_chamfer"),
+        ("flying-pixel ratio at depth edges (lower)", "edge_flying_ratio")))))

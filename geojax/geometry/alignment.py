@@ -31,7 +31,7 @@ import numpy as np
 from geojax.nn.resize import legacy_nearest_index
 
 _HP = jax.lax.Precision.HIGHEST
-ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine")
+ALIGN_MODES = ("none", "median", "scale", "scale_shift", "disparity_affine", "log_affine")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,6 +183,10 @@ def _align(p, g, m, mode: str, nax: int, eps: float):
   if mode == "scale_shift":
     s, t, _ = _scale_shift(p, g, m, nax)
     return _bc(s, nax) * p + _bc(t, nax)
+  if mode == "log_affine":
+    lg = jnp.log1p(jnp.maximum(g, 0.0))
+    s, t, _ = _scale_shift(p, lg, m & (g > 0), nax)
+    return jnp.maximum(jnp.expm1(_bc(s, nax) * p + _bc(t, nax)), 0.0)
   inv_p = jnp.where(p > 0, 1.0 / jnp.where(p > 0, p, 1.0), 0.0)
   inv_g = jnp.where(g > 0, 1.0 / jnp.where(g > 0, g, 1.0), 0.0)
   s, t, _ = _scale_shift(inv_p, inv_g, m & (g > 0) & (p > 0), nax)
@@ -221,7 +225,10 @@ def align_depth(pred, gt, mask=None, mode: str = "none", *, eps: float = 1e-6) -
   Modes: ``"none"`` (unchanged), ``"median"`` (:func:`median_scale`), ``"scale"``
   (:func:`lstsq_scale`), ``"scale_shift"`` (:func:`lstsq_scale_shift`), ``"disparity_affine"``:
   ``(s, t)`` fitted on ``1/pred`` vs ``1/gt`` over valid entries with ``gt > 0`` and ``pred > 0``,
-  aligned depth ``1 / max(s / pred + t, eps)`` (``pred <= 0`` is taken as zero disparity).
+  aligned depth ``1 / max(s / pred + t, eps)`` (``pred <= 0`` is taken as zero disparity);
+  ``"log_affine"``: ``(s, t)`` fitted on ``pred`` vs ``log(1 + gt)`` over valid entries with
+  ``gt > 0``, aligned depth ``max(exp(s pred + t) - 1, 0)`` (predictions affine in log-depth,
+  such as PPD's).
   The aligned map covers every entry, masked or not.
   """
   if mode not in ALIGN_MODES:

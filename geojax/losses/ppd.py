@@ -53,7 +53,8 @@ def grad_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   diff = m * (pred - target)
   gx = jnp.abs(diff[:, :, 1:] - diff[:, :, :-1]) * m[:, :, 1:] * m[:, :, :-1]
   gy = jnp.abs(diff[:, 1:, :] - diff[:, :-1, :]) * m[:, 1:, :] * m[:, :-1, :]
-  return (jnp.sum(gx) + jnp.sum(gy)) / jnp.sum(m)
+  # (the reference divides by sum(m) alone: NaN for a batch without a valid pixel)
+  return (jnp.sum(gx) + jnp.sum(gy)) / jnp.maximum(jnp.sum(m), 1e-6)
 
 
 def multi_scale_grad_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
@@ -72,7 +73,8 @@ def flow_matching_loss(model, image: jax.Array, semantics: jax.Array, depth: jax
                        mask: jax.Array, *, noise: jax.Array | None = None,
                        t: jax.Array | None = None, key: jax.Array | None = None,
                        pretrain: bool = False, grad_weight: float = GRAD_WEIGHT,
-                       loc: float = 0.0, scale: float = 1.0) -> dict[str, jax.Array]:
+                       loc: float = 0.0, scale: float = 1.0,
+                       window: bool = False) -> dict[str, jax.Array]:
   """The PPD training loss of one batch (module docstring).
 
   Args:
@@ -82,6 +84,10 @@ def flow_matching_loss(model, image: jax.Array, semantics: jax.Array, depth: jax
     noise, t: the ``(B, H, W)`` noise and ``(B,)`` integer timesteps; drawn from ``key`` (noise
       first, then logit-normal ``t`` with ``loc`` / ``scale``) when not given.
     pretrain: MSE only (stage 1); otherwise MSE + ``grad_weight`` x the gradient loss.
+    window: the batch is the frames of one PPVD window (geojax's recipe; PPVD's training was
+      not released): one timestep for all frames (a scalar ``t``, as the video DiT requires)
+      and one depth normalisation (quantiles over the whole window), so that the frames share
+      one depth scale.
 
   Returns ``mse``, ``grad`` (0 when pretraining), ``grad_per_scale``, ``total`` and the
   tensors of the step (``latent``, ``noised``, ``velocity``, ``latent_pred``, ``noise_pred``,
@@ -95,9 +101,14 @@ def flow_matching_loss(model, image: jax.Array, semantics: jax.Array, depth: jax
     if noise is None:
       noise = jax.random.normal(k_noise, depth.shape, jnp.float32)
     if t is None:
-      t = flow.logit_normal_timesteps(k_t, (b,), loc, scale)
+      t = flow.logit_normal_timesteps(k_t, () if window else (b,), loc, scale)
   mask = jnp.asarray(mask, bool)
-  latent, quantiles = encode_gt(depth, mask)
+  if window:
+    n, h, w = depth.shape
+    latent, quantiles = encode_gt(depth.reshape(1, n * h, w), mask.reshape(1, n * h, w))
+    latent = latent.reshape(n, h, w)
+  else:
+    latent, quantiles = encode_gt(depth, mask)
   x_t = flow.noised(latent, noise, t)
   x = jnp.concatenate([x_t[..., None], jnp.asarray(image, jnp.float32) - 0.5], -1)
   v = model(x, semantics, t)[..., 0].astype(jnp.float32)

@@ -112,6 +112,9 @@ PRESETS: dict[str, PPDConfig | PPVDConfig] = {
     "ppd-moge": PPDConfig(semantics="moge2"),
     # geojax-only (no official weights): the parity fixture's sizes, for CPU demos and tests.
     "ppd-tiny": PPDConfig(dim=32, depth=4, num_heads=2),
+    # geojax-only: wide enough to carry a 16 x 16 patch's noise through the DiT (a pixel-space
+    # diffusion model needs width >= pixels per token), small enough to train on a CPU.
+    "ppd-small": PPDConfig(dim=256, depth=4, num_heads=4),
     "ppvd": PPVDConfig(),
     # geojax-only: the video fixture's width (depth and frame size are fixed by the design).
     "ppvd-tiny": PPVDConfig(dim=16, num_heads=2),
@@ -149,7 +152,7 @@ class _CascadeDiT(nnx.Module):
     self.proj_fusion_0 = layers.linear(c.dim + c.semantics_dim, 4 * c.dim, rngs=rngs,
                                        dtype=c.dtype)
     self.proj_fusion_2 = layers.linear(4 * c.dim, 4 * c.dim, rngs=rngs, dtype=c.dtype,
-                                       axes=("mlp", "mlp"))
+                                       axes=("mlp", None))
     self.proj_fusion_4 = layers.linear(4 * c.dim, 4 * c.dim, rngs=rngs, dtype=c.dtype,
                                        axes=("mlp", "embed"))
     self.final_layer = dit.FinalLayer(c.dim, c.patch, c.out_channels, rngs=rngs, dtype=c.dtype)

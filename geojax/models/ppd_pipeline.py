@@ -30,6 +30,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "ppd-moge": ("ppd-moge", "moge2"),
     "ppvd": ("ppvd", "pi3"),
     "ppd-tiny": ("ppd-tiny", "da2-tiny"),
+    "ppd-small": ("ppd-small", "da2-tiny"),
     "ppvd-tiny": ("ppvd-tiny", "pi3-tiny"),
 }
 PRESET_NAMES = tuple(PRESETS)

@@ -35,6 +35,8 @@ What a family provides (only ``name``, ``build`` and ``predict`` are required):
 - ``eval_options``: its inference options with their defaults, which ``configs/evaluate.py``
   exposes as ``model.*`` fields; ``eval_inputs(scene, options)``: per-scene predictor inputs
   made from the ground-truth scene (e.g. URGT's training-style priors), ``{}`` when none;
+  ``depth_align``: the default depth alignment of ``evaluate.py`` for the family's depth (e.g.
+  PPD's ``log_affine``; ``None``: the evaluator's default);
   ``demo``: its ``make demo-<family>`` run (:class:`Demo`),
   which trains ``configs/<family>.py:<config_arg>`` (the family's training config, big_vision
   style, next to ``train.py``).
@@ -110,6 +112,7 @@ class Family:
   eval_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   eval_inputs: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
   demo: Demo | None = None
+  depth_align: str | None = None
 
   def __post_init__(self):
     if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

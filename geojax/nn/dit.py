@@ -55,7 +55,7 @@ class TimestepEmbedder(nnx.Module):
   def __init__(self, dim: int, *, rngs: nnx.Rngs, freq_dim: int = FREQ_DIM, dtype=None):
     self.freq_dim = freq_dim
     self.mlp_0 = layers.linear(freq_dim, dim, rngs=rngs, dtype=dtype, axes=(None, "embed"))
-    self.mlp_2 = layers.linear(dim, dim, rngs=rngs, dtype=dtype, axes=("embed", "embed"))
+    self.mlp_2 = layers.linear(dim, dim, rngs=rngs, dtype=dtype, axes=("mlp", "embed"))
 
   def __call__(self, t: jax.Array) -> jax.Array:
     return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_embedding(t, self.freq_dim))))

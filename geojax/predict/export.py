@@ -23,6 +23,9 @@
   ``(t, u, v)``, ``uv`` (S, P, 2) the tracks projected into each frame) and ``tracks.png``
   (the tracks drawn over up to four frames), when the model predicts 3D tracks;
 - ``depth_vis/<stem>.png``: colourised depth (near is bright, shared range per scene);
+- ``strip.png`` (scenes and videos of two or more views): a frame strip, up to
+  :data:`STRIP_FRAMES` evenly spaced views side by side, each image above its colourised depth
+  (one range for all, so a video's depth can be checked for flicker at a glance);
 - ``points.ply``: binary PLY point cloud with colours, filtered like the official GLB export
   (adaptive confidence percentile, then at most ``max_points`` points);
 - ``points.glb`` (optional, needs ``trimesh``): the same points plus camera frustums;
@@ -150,6 +153,8 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
         Image.fromarray(visualize.colorize_normals(pred.normals[i])).save(
             os.path.join(root, "normals", t + ".png"))
     _write_extras(root, pred, stems, vis_range)
+    if s >= 2:
+      _write_strip(root, pred, vis_range)
     if pred.tracks is not None:
       _write_tracks(root, pred, ks, ext)
     # cameras.json: the scene-folder file plus prediction metadata.
@@ -209,6 +214,18 @@ def write_prediction(pred: Prediction, dst: str, *, overwrite: bool = False,
   finally:
     shutil.rmtree(stage, ignore_errors=True)
   return summary
+
+
+STRIP_FRAMES = 8
+
+
+def _write_strip(root: str, pred: Prediction, depth_range) -> None:
+  """``strip.png``: up to :data:`STRIP_FRAMES` evenly spaced views, image over depth."""
+  s = pred.depth.shape[0]
+  idx = np.unique(np.linspace(0, s - 1, min(s, STRIP_FRAMES)).round().astype(int))
+  cols = [np.concatenate([pred.images[i], visualize.colorize_depth(
+      pred.depth[i], value_range=depth_range)], 0) for i in idx]
+  Image.fromarray(np.concatenate(cols, 1)).save(os.path.join(root, "strip.png"))
 
 
 def _write_extras(root: str, pred: Prediction, stems: list[str], depth_range) -> None:

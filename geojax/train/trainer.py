@@ -418,7 +418,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   first = evals[min(evals)] if evals else {}
   final = evals[max(evals)] if evals else {}
   def pick(m, prefix=""):
-    out = {k: m[prefix + k] for k in ("abs_rel", "delta1", "auc03", "auc30") if prefix + k in m}
+    out = {k: m[prefix + k] for k in ("abs_rel", "delta1", "auc03", "auc30", "edge_chamfer",
+                                      "edge_flying_ratio") if prefix + k in m}
     if prefix + "normal_mean" in m:
       out["normal_mean_deg"] = m[prefix + "normal_mean"]
     return out
