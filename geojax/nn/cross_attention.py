@@ -33,23 +33,31 @@ class CrossAttention(nnx.Module):
   """Multi-head attention of ``x`` ``(B, Tq, C)`` over ``context`` ``(B, Tk, C)``."""
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, attn_impl: str = "xla",
-               rope_base: float = 100.0, dtype=None):
+               rope_base: float = 100.0, context_dim: int | None = None, dtype=None):
     if dim % num_heads:
       raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads, self.head_dim = num_heads, dim // num_heads
     self.attn_impl, self.rope_base = attn_impl, rope_base
-    mk = lambda a: layers.linear(dim, dim, rngs=rngs, dtype=dtype, axes=a)
-    self.q_proj, self.k_proj, self.v_proj = (mk(("embed", "heads")), mk(("embed", "heads")),
-                                             mk(("embed", "heads")))
-    self.proj = mk(("heads", "embed"))
+    cd = context_dim or dim
+    mk = lambda i, a: layers.linear(i, dim, rngs=rngs, dtype=dtype, axes=a)
+    self.q_proj = mk(dim, ("embed", "heads"))
+    self.k_proj, self.v_proj = mk(cd, ("embed", "heads")), mk(cd, ("embed", "heads"))
+    self.proj = mk(dim, ("heads", "embed"))
 
-  def __call__(self, x: jax.Array, context: jax.Array, q_pos: jax.Array | None = None,
-               k_pos: jax.Array | None = None) -> jax.Array:
-    b, tq, c = x.shape
-    tk = context.shape[1]
-    q = self.q_proj(x).reshape(b, tq, self.num_heads, self.head_dim)
+  def project_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values ``(B, Tk, heads, head_dim)`` of a context, to reuse across calls."""
+    b, tk, _ = context.shape
     k = self.k_proj(context).reshape(b, tk, self.num_heads, self.head_dim)
     v = self.v_proj(context).reshape(b, tk, self.num_heads, self.head_dim)
+    return k, v
+
+  def __call__(self, x: jax.Array, context: jax.Array | None, q_pos: jax.Array | None = None,
+               k_pos: jax.Array | None = None, *, kv: tuple[jax.Array, jax.Array] | None = None
+               ) -> jax.Array:
+    """``kv``: keys and values from :meth:`project_kv` instead of ``context`` (no RoPE)."""
+    b, tq, c = x.shape
+    q = self.q_proj(x).reshape(b, tq, self.num_heads, self.head_dim)
+    k, v = kv if kv is not None else self.project_kv(context)
     if (q_pos is None) != (k_pos is None):
       raise ValueError("CrossAttention: give both q_pos and k_pos or neither")
     if q_pos is not None:
@@ -90,19 +98,28 @@ class CrossBlock(nnx.Module):
 
 
 class CrossOnlyBlock(nnx.Module):
-  """``x += cross(norm2(x), norm_y(ctx)); x += mlp(norm3(x))`` (DAGE ``CrossOnlyBlockRope``)."""
+  """``x += cross(norm2(x), norm_y(ctx)); x += mlp(norm3(x))`` (DAGE ``CrossOnlyBlockRope``).
+
+  ``context_dim``: the context's width when it differs from ``dim`` (keys and values are
+  projected from it). :meth:`context_kv` computes a context's keys and values once, so that
+  many query batches can attend to it (``block(x, kv=...)``)."""
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_ratio: float = 4.0,
-               ln_eps: float = 1e-6, attn_impl: str = "xla", dtype=None):
+               ln_eps: float = 1e-6, attn_impl: str = "xla", context_dim: int | None = None,
+               dtype=None):
     self.norm2 = layers.layer_norm(dim, ln_eps, rngs=rngs, dtype=dtype)
-    self.norm_y = layers.layer_norm(dim, ln_eps, rngs=rngs, dtype=dtype)
+    self.norm_y = layers.layer_norm(context_dim or dim, ln_eps, rngs=rngs, dtype=dtype)
     self.cross_attn = CrossAttention(dim, num_heads, rngs=rngs, attn_impl=attn_impl,
-                                     dtype=dtype)
+                                     context_dim=context_dim, dtype=dtype)
     self.norm3 = layers.layer_norm(dim, ln_eps, rngs=rngs, dtype=dtype)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, context):
-    x = x + self.cross_attn(self.norm2(x), self.norm_y(context))
+  def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.cross_attn.project_kv(self.norm_y(context))
+
+  def __call__(self, x, context=None, *, kv=None):
+    kv = self.context_kv(context) if kv is None else kv
+    x = x + self.cross_attn(self.norm2(x), None, kv=kv)
     return x + self.mlp(self.norm3(x))
 
 

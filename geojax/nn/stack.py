@@ -93,6 +93,32 @@ class LayerStack(nnx.Module):
     carry, _ = jax.lax.scan(step, carry, jnp.arange(start, stop, group))
     return carry
 
+  def map_layers(self, fn: Callable[[nnx.Module], Any]) -> Any:
+    """``fn(block)`` for every layer at once (vectorised), outputs stacked on a leading layer
+    axis: e.g. each cross-attention layer's keys and values of one context."""
+    gd, st = nnx.split(self.layers)
+    return jax.vmap(lambda s: fn(nnx.merge(gd, s)))(st)
+
+  def run_with(self, carry: Any, body: Callable[[Any, nnx.Module, Any], Any], xs: Any) -> Any:
+    """``carry = body(carry, block_i, xs_i)`` for every layer in order, ``xs`` a pytree whose
+    leaves have a leading layer axis (e.g. the output of :meth:`map_layers`)."""
+    gd, st = nnx.split(self.layers)
+    at = lambda tree, i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                      tree)
+    if not self.scan:
+      for i in range(self.depth):
+        carry = body(carry, nnx.merge(gd, at(st, i)), at(xs, i))
+      return carry
+
+    def step(c, i):
+      return body(c, nnx.merge(gd, at(st, i)), at(xs, i)), None
+
+    policy = remat_policy(self.remat)
+    if policy is not None:
+      step = jax.checkpoint(step, policy=policy)
+    carry, _ = jax.lax.scan(step, carry, jnp.arange(self.depth))
+    return carry
+
 
 def run_together(stacks: tuple[LayerStack, ...], carry: Any,
                  body: Callable[[Any, tuple[nnx.Module, ...]], Any], start: int = 0,
