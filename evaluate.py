@@ -93,7 +93,25 @@ def scene_list(data) -> tuple[list, int]:
     images = data.images or os.path.join(os.path.dirname(os.path.normpath(data.path)), "images")
     scene = read_colmap_scene(data.path, images)
     return iter([(os.path.basename(os.path.normpath(data.path)), scene)]), 1
-  raise ValueError(f"data.source {data.source!r} is not one of synthetic, scene_folder, colmap")
+  if data.source == "tapvid3d":
+    from geojax.data.formats.tapvid3d import read_tapvid3d
+    root = data.path
+    if root and os.path.isfile(root):
+      files = [root]
+    elif root and os.path.isdir(root):
+      files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
+                     if f.endswith(".npz"))
+    else:
+      raise FileNotFoundError(f"data.path {root!r} is neither a TAPVid-3D .npz file nor a folder "
+                              "of them")
+    if not files:
+      raise ValueError(f"data.path {root}: no .npz file found")
+    files = files[:data.num_scenes] if data.num_scenes > 0 else files
+    return ((os.path.splitext(os.path.relpath(f, root if os.path.isdir(root) else
+                                             os.path.dirname(root)))[0], read_tapvid3d(f))
+            for f in files), len(files)
+  raise ValueError(f"data.source {data.source!r} is not one of synthetic, scene_folder, colmap, "
+                   "tapvid3d")
 
 
 def evaluate(cfg) -> dict:
@@ -101,7 +119,8 @@ def evaluate(cfg) -> dict:
 
   from geojax.eval import evaluator
   scenes, n_scenes = scene_list(cfg.data)
-  has_depth = cfg.data.source != "colmap"  # COLMAP sparse models carry cameras, no dense depth
+  # COLMAP sparse models carry cameras, TAPVid-3D files tracks only: no dense depth
+  has_depth = cfg.data.source not in ("colmap", "tapvid3d")
   options = dict(depth_align=cfg.depth_align, pose_thresholds=tuple(cfg.pose_thresholds),
                  pointcloud_threshold=cfg.pointcloud_threshold,
                  pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth,
@@ -122,6 +141,12 @@ def evaluate(cfg) -> dict:
   model, family, model_config, source = load_model(cfg)
   groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config),
                                          has_depth=has_depth)
+  if cfg.data.source == "tapvid3d":  # tracks in each frame's camera: no cameras to score
+    notes += [f"{g}: skipped, TAPVid-3D files hold 3D tracks only" for g in groups if g != "track"]
+    groups = tuple(g for g in groups if g == "track")
+    if not groups:
+      raise ValueError("data.source=tapvid3d scores 3D tracks: choose metrics=track with a "
+                       "model that predicts tracks (D4RT)")
   opts = inference_options(cfg.model)
   predict = family.get_predictor(model, opts)
   scene_inputs = None

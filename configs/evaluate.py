@@ -17,7 +17,10 @@ Fields:
   data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``), ``scene_folder``
     (``data.path`` is one scene folder or a folder of them, ``geojax.data.formats``) or
     ``colmap`` (``data.path`` is a sparse model folder, ``data.images`` its images folder,
-    default ``<path>/../images``; cameras only, so only pose metrics apply).
+    default ``<path>/../images``; cameras only, so only pose metrics apply) or ``tapvid3d``
+    (``data.path`` is a TAPVid-3D ``.npz`` or a folder of them, ``geojax.data.formats.tapvid3d``;
+    3D tracks only, scored with the ``track`` group exactly as the official TAPVid-3D code:
+    median scale, depth-adaptive thresholds at evaluation resolution 256).
   data.seed, data.num_scenes, data.num_views, data.height, data.width: synthetic scene family,
     how many scenes, views per scene and their resolution (``num_scenes`` also caps the scene
     folders read; 0 = all). ``data.dynamic``: moving objects and ground-truth 3D tracks

@@ -102,7 +102,8 @@ def test_deterministic_and_distinct():
             "normals": ((3, H, W, 3), np.float32), "ray_map": ((3, H, W, 6), np.float32),
             "intrinsics": ((3, 3, 3), np.float32), "extrinsics": ((3, 4, 4), np.float32),
             "tracks": ((3, 32, 3), np.float32), "track_visible": ((3, 32), bool),
-            "time": ((3,), np.float32)}
+            "time": ((3,), np.float32), "segment": ((3, H, W), np.int16),
+            "object_poses": ((3, 16, 4, 4), np.float32)}
   assert set(a) == set(shapes)
   for k, (shape, dtype) in shapes.items():
     assert a[k].shape == shape and a[k].dtype == dtype, k
@@ -264,6 +265,23 @@ def test_dynamic_tracks():
       t, _, zz = _cast_world(scene, float(i), cams[i], tr[i][hid])
       assert (t < zz * (1 + 1e-4)).all()
   assert n_planar > 20
+  # object_poses move every track exactly: P[b] P[a]^-1 x_a == x_b
+  poses = s["object_poses"].astype(np.float64)
+  assert poses.shape == (4, syn.MAX_OBJECTS, 4, 4)
+  np.testing.assert_array_equal(poses[:, len(scene.objects):], np.broadcast_to(np.eye(4), poses[:, len(scene.objects):].shape))
+  for a, b in ((0, 3), (2, 1)):
+    rel = poses[b, which] @ np.linalg.inv(poses[a, which])
+    moved = np.einsum("nij,nj->ni", rel[:, :3, :3], tr[a]) + rel[:, :3, 3]
+    np.testing.assert_allclose(moved, tr[b], atol=2e-5)
+  # segment: the object index seen at each pixel; the static background is -1
+  seg = s["segment"]
+  assert seg.dtype == np.int16 and (seg[~s["valid"]] == -1).all()
+  assert set(np.unique(seg)) - {-1} <= set(range(len(scene.objects))) and (seg >= 0).any()
+  for i in range(4):
+    uv, _ = _project(tr[i], s["intrinsics"][i], s["extrinsics"][i])
+    m = vis[i]
+    pu = np.clip(np.rint(uv[m]).astype(int), 0, [w - 1, h - 1])
+    assert np.mean(seg[i][pu[:, 1], pu[:, 0]] == which[m]) > 0.75
 
 
 def test_render_image_tiles():

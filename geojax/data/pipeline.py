@@ -38,7 +38,7 @@ from geojax.data import transforms as T
 from geojax.data.synthetic import render_scene
 
 FAMILIES = ("da3", "urgt", "d4rt", "ppd")
-VIEW_ORDERS = ("ordered", "random", "first")
+VIEW_ORDERS = ("ordered", "random", "first", "strided")
 PPD_RANGES = ("symmetric", "unit", "ppd")
 
 
@@ -53,7 +53,8 @@ class PipelineConfig:
     bucket_weights: optional sampling weights of the buckets.
     min_views, max_views: per-batch number of views ``S ~ U{min_views..max_views}`` (DA3: 2..18).
     view_order: ``"ordered"`` (random subset, increasing order), ``"random"`` (random subset and
-      order) or ``"first"`` (views 0..S-1).
+      order), ``"first"`` (views 0..S-1) or ``"strided"`` (every k-th frame from a random start,
+      k random: videos).
     batch_size: **global** batch size; each host gets ``batch_size // process_count``.
     num_epochs: train epochs (``None``: infinite); eval splits always read one epoch.
     augment: colour jitter (train only); same factors for all views of a scene.
@@ -63,9 +64,11 @@ class PipelineConfig:
       ``gridmix_size``^2 lattice of patches of (H/4, W/4); per batch a grid ``n`` in 1..4 is drawn
       with ``gridmix_probs`` and each sample keeps a random contiguous n x n block (images
       (B, S, nH/4, nW/4, 3); ``grid_n``, ``grid_origin`` (B, 2) lattice cell, ``grid_patch_hw``).
-      ``"d4rt"``: ``num_queries`` queries per clip (``queries`` (B, N, 5), ``query_points``,
-      ``query_pixels``, ``query_valid``, ``query_near_edge``; see
-      :func:`geojax.data.transforms.sample_d4rt_queries`). ``"ppd"``: ``depth_encoded`` (B, S, H, W)
+      ``"d4rt"``: ``num_queries`` queries per clip (``queries`` (B, N, 5), ``query_pixels``,
+      ``query_near_edge`` and the targets ``query_points``, ``query_uv``, ``query_visible``,
+      ``query_displacement``, ``query_normal``, ... with their masks; see
+      :func:`geojax.data.transforms.sample_d4rt_queries`), drawn after the views are chosen,
+      resized, cropped and colour-jittered, so every target matches the clip the model sees. ``"ppd"``: ``depth_encoded`` (B, S, H, W)
       = log(d + 1) normalised by the per-view ``ppd_quantiles`` into ``ppd_range``
       (``"symmetric"`` [-1, 1] by default, ``"unit"`` [0, 1], ``"ppd"`` [-1, 0.5] as released),
       with ``depth_q_lo`` / ``depth_q_hi`` (B, S) for the inverse.

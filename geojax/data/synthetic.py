@@ -46,6 +46,7 @@ _BOX, _SPHERE, _CYL, _PANEL = range(4)
 TRAJECTORIES = ("orbit", "walk", "jitter", "wide")
 SCENE_TYPES = ("room", "open")
 _TRACK_RTOL = 1e-4  # relative depth tolerance of the track occlusion test
+MAX_OBJECTS = 16  # rows of ``object_poses`` (dynamic scenes), padded with identities
 _NOISE_N = 256  # side of the (periodic) fractal value-noise table
 _NOISE_TABLE: np.ndarray | None = None
 
@@ -467,7 +468,8 @@ def _render_view(scene: _Scene, cam: _Camera, time: float, h: int, w: int, tile:
   """Render one view (no leading view axis) in ``tile x tile`` pixel blocks."""
   out = {"images": np.empty((h, w, 3), np.uint8), "depth": np.empty((h, w), np.float32),
          "valid": np.empty((h, w), bool), "sky": np.empty((h, w), bool),
-         "normals": np.empty((h, w, 3), np.float32), "ray_map": np.empty((h, w, 6), np.float32)}
+         "normals": np.empty((h, w, 3), np.float32), "ray_map": np.empty((h, w, 6), np.float32),
+         "segment": np.empty((h, w), np.int16)}
   full = cam.pixel_windows(scene, time, h, w)
   o = cam.eye
   lx, ly, lz = scene.light
@@ -541,6 +543,8 @@ def _render_view(scene: _Scene, cam: _Camera, time: float, h: int, w: int, tile:
       out["depth"][sl] = np.where(valid, t, np.float32(0)).reshape(th, tw)
       out["valid"][sl] = valid.reshape(th, tw)
       out["sky"][sl] = ~valid.reshape(th, tw)
+      out["segment"][sl] = np.where(sid >= scene.n_background, sid - scene.n_background,
+                                    -1).astype(np.int16).reshape(th, tw)
       out["normals"][sl] = res[3:].T.reshape(th, tw, 3)
       rm = out["ray_map"][sl]
       rm[..., 0], rm[..., 1], rm[..., 2] = dx, dy, dz
@@ -716,6 +720,25 @@ def _tracks(scene: _Scene, cams: list[_Camera], which, local, h: int, w: int):
   return tracks, vis
 
 
+def object_poses(scene: _Scene, num_views: int) -> np.ndarray:
+  """Object-to-world 4x4 transforms ``(S, MAX_OBJECTS, 4, 4)`` float32 of every object at the
+  time of each view (rows past the last object are identities).
+
+  A point ``p`` of object ``j`` at time ``a`` is at ``P[b, j] P[a, j]^-1 p`` at time ``b``; the
+  rotation is the yaw about +y of :func:`_to_world` and the translation the centre, both as the
+  renderer uses them (rounded to float32)."""
+  if len(scene.objects) > MAX_OBJECTS:
+    raise ValueError(f"{len(scene.objects)} objects; object_poses holds {MAX_OBJECTS}")
+  out = np.tile(np.eye(4, dtype=np.float32), (num_views, MAX_OBJECTS, 1, 1))
+  for i in range(num_views):
+    for j, ob in enumerate(scene.objects):
+      (cx, cy, cz), co, si = ob.pose(float(i))
+      # local (x, z) -> (co x + si z, -si x + co z); y unchanged
+      out[i, j, :3, :3] = [[co, 0.0, si], [0.0, 1.0, 0.0], [-si, 0.0, co]]
+      out[i, j, :3, 3] = (cx, cy, cz)
+  return out
+
+
 def _check_int(name: str, v, lo: int) -> int:
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
     raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
@@ -771,8 +794,11 @@ def render_scene(seed: int, index: int, *, num_views: int, height: int, width: i
     0, then the camera centre), ``intrinsics`` (S, 3, 3) float32 pixels and ``extrinsics``
     (S, 4, 4) float32 world-to-camera. With ``dynamic=True`` also ``tracks`` (S, P, 3) float32
     world points, ``track_visible`` (S, P) bool (inside the image, in front and not occluded:
-    the exactly cast ray through the point hits at its depth within ``1e-4`` relative) and
-    ``time`` (S,) float32.
+    the exactly cast ray through the point hits at its depth within ``1e-4`` relative),
+    ``time`` (S,) float32, ``segment`` (S, H, W) int16 (the index of the object seen at each
+    pixel; -1 for the static room, ground and sky) and ``object_poses`` (S, MAX_OBJECTS, 4, 4)
+    float32 object-to-world transforms at each view's time (:func:`object_poses`), so that the
+    position of any pixel's surface point at any other time is exact.
   """
   scene, cams = _build(seed, index, num_views, height, width, dynamic, trajectory, scene_type)
   num_tracks = _check_int("num_tracks", num_tracks, 1)
@@ -780,9 +806,12 @@ def render_scene(seed: int, index: int, *, num_views: int, height: int, width: i
   views = [_render_view(scene, cam, float(i) if dynamic else 0.0, height, width, tile)
            for i, cam in enumerate(cams)]
   res = {k: np.stack([v[k] for v in views]) for k in views[0]}
+  segment = res.pop("segment")
   res["intrinsics"] = np.stack([c.k for c in cams])
   res["extrinsics"] = np.stack([c.w2c for c in cams])
   if dynamic:
+    res["segment"] = segment
+    res["object_poses"] = object_poses(scene, num_views)
     which, local = _sample_surface_points(np.random.default_rng([seed, index, 3]), scene,
                                           num_tracks)
     res["tracks"], res["track_visible"] = _tracks(scene, cams, which, local, height, width)
@@ -808,6 +837,7 @@ def render_image(seed: int, index: int, *, height: int, width: int, tile: int = 
   scene, cams = _build(seed, index, 1, height, width, False, trajectory, scene_type)
   cam = cams[0]
   res = _render_view(scene, cam, 0.0, height, width, tile)
+  res.pop("segment")
   res["intrinsics"] = cam.k
   res["extrinsics"] = cam.w2c
   return res

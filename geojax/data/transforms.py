@@ -5,7 +5,9 @@ A *scene* is a dict of NumPy arrays with a leading view axis ``S``: ``images`` (
 ``depth`` (S, H, W) float32 z-depth (0 = invalid), ``valid`` (S, H, W) bool, optionally
 ``normals`` (S, H, W, 3), ``sky`` (S, H, W) bool, ``intrinsics`` (S, 3, 3) in pixels,
 ``extrinsics`` (S, 4, 4) world-to-camera (OpenCV), and for dynamic scenes ``tracks`` (S, P, 3)
-world points at each view's time and ``track_visible`` (S, P).
+world points at each view's time and ``track_visible`` (S, P), and for the built-in dynamic
+scenes ``segment`` (S, H, W) (object index per pixel, -1 static) with ``object_poses``
+(S, M, 4, 4) object-to-world transforms (exact motion of every pixel).
 
 Pixel convention: pixel ``(u, v)`` (column, row) at integer coordinates is the pixel *centre*, so
 an image of width ``W`` spans ``[-0.5, W - 0.5]``. Resizing by ``s`` maps ``x -> s (x + 0.5) - 0.5``,
@@ -21,17 +23,17 @@ from __future__ import annotations
 import numpy as np
 
 # Per-view arrays that are not images (indexed along views, untouched by resize / crop).
-VIEW_KEYS = ("intrinsics", "extrinsics", "tracks", "track_visible", "time")
+VIEW_KEYS = ("intrinsics", "extrinsics", "tracks", "track_visible", "time", "object_poses")
 # Per-pixel maps resized with nearest neighbour; any other (S, H, W, ...) array but ``images`` and
 # ``ray_map`` (recomputed from the new camera) is treated the same way.
-PIXEL_KEYS = ("depth", "valid", "normals", "sky")
+PIXEL_KEYS = ("depth", "valid", "normals", "sky", "segment")
 
 
 def _pixel_keys(scene: dict) -> list[str]:
   """Keys of per-pixel maps (S, H, W, ...) other than ``images`` and ``ray_map``."""
   s, h, w = scene["images"].shape[:3]
-  return [k for k, v in scene.items() if k not in ("images", "ray_map") and isinstance(v, np.ndarray)
-          and v.ndim >= 3 and v.shape[:3] == (s, h, w)]
+  return [k for k, v in scene.items() if k not in ("images", "ray_map") + VIEW_KEYS
+          and isinstance(v, np.ndarray) and v.ndim >= 3 and v.shape[:3] == (s, h, w)]
 
 
 def ray_map(intrinsics: np.ndarray, extrinsics: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -179,14 +181,21 @@ def sample_views(num_available: int, num_views: int, rng: np.random.Generator,
   """Indices (num_views,) of the views to keep.
 
   ``order="ordered"``: a random subset in increasing order (keeps temporal order of videos);
-  ``"random"``: a random subset in random order; ``"first"``: views ``0..n-1``. When the scene has
-  fewer views than requested, views are drawn with replacement (then sorted for ``"ordered"``).
+  ``"random"``: a random subset in random order; ``"first"``: views ``0..n-1``; ``"strided"``
+  (videos, D4RT's random temporal stride): ``start + stride * arange(n)`` with the stride drawn
+  uniformly among those that fit, then the start. When the scene has fewer views than requested,
+  views are drawn with replacement (then sorted for ``"ordered"`` / ``"strided"``).
   """
   if order == "first" and num_available >= num_views:
     return np.arange(num_views)
+  if order == "strided" and num_available >= num_views:
+    max_stride = 1 if num_views == 1 else (num_available - 1) // (num_views - 1)
+    stride = int(rng.integers(1, max_stride + 1))
+    start = int(rng.integers(0, num_available - stride * (num_views - 1)))
+    return start + stride * np.arange(num_views)
   replace = num_available < num_views
   idx = rng.choice(num_available, num_views, replace=replace)
-  return np.sort(idx) if order in ("ordered", "first") else idx
+  return np.sort(idx) if order in ("ordered", "first", "strided") else idx
 
 
 # ---------------------------------------------------------------------------------- photometric
@@ -306,15 +315,11 @@ def sample_d4rt_queries(scene: dict, rng: np.random.Generator, num_queries: int 
   ``round(edge_fraction * N)`` queries are drawn among pixels near depth (or, with tracks, motion)
   boundaries (:func:`query_boundaries`), the rest uniformly among valid pixels.
 
-  Ground truth: the chosen pixel's depth gives the point at ``t_src``,
-  ``X_world = c2w[t_src] (d K^-1 [u, v, 1])``, exactly consistent with the depth map. A scene
-  without ``tracks`` is static, so that point is also its position at ``t_tgt``. With ``tracks``
-  (S, P, 3) world and ``track_visible`` (S, P), the point moves with the nearest track visible at
-  ``t_src`` (adding ``tracks[t_tgt] - tracks[t_src]``). Finally ``X = w2c[t_cam] X_world``.
-
   Returns ``queries`` (N, 5) float32 ``[u, v, t_src, t_tgt, t_cam]`` (u, v normalised),
-  ``query_pixels`` (N, 2) int32 ``(u, v)`` px, ``query_points`` (N, 3) float32, ``query_valid`` (N,)
-  bool and ``query_near_edge`` (N,) bool (drawn from the boundary pool).
+  ``query_pixels`` (N, 2) int32 ``(u, v)`` px, ``query_near_edge`` (N,) bool (drawn from the
+  boundary pool) and the targets of :func:`d4rt_targets` under ``query_<name>`` (``query_points``,
+  ``query_valid``, ``query_uv``, ``query_uv_valid``, ``query_visible``, ``query_displacement``, ``query_normal``,
+  ``query_normal_valid``, ``query_exact``).
   """
   depth, valid = scene["depth"], scene["valid"].astype(bool)
   s, h, w = depth.shape
@@ -345,25 +350,100 @@ def sample_d4rt_queries(scene: dict, rng: np.random.Generator, num_queries: int 
         picked = _pick(valid[t].ravel(), k, rng)
         near[m] = False
       flat[m] = picked
-  ok = flat >= 0
-  flat = np.maximum(flat, 0)
-  v, u = np.divmod(flat, w)
+  found = flat >= 0
+  v, u = np.divmod(np.maximum(flat, 0), w)
+  tg = d4rt_targets(scene, u, v, t_src, t_tgt, t_cam)
+  ok = tg["valid"] & found
+  queries = np.stack([(u + 0.5) / w, (v + 0.5) / h, t_src, t_tgt, t_cam], -1).astype(np.float32)
+  out = {"queries": queries, "query_pixels": np.stack([u, v], -1).astype(np.int32),
+         "query_near_edge": near & ok}
+  for key, val in tg.items():
+    out[f"query_{key}"] = np.where(ok.reshape((-1,) + (1,) * (val.ndim - 1)), val,
+                                   np.zeros_like(val)) if key != "exact" else val
+  out["query_valid"] = ok
+  return out
+
+
+VISIBILITY_RTOL = 0.03  # relative depth tolerance of the visibility test of :func:`d4rt_targets`
+
+
+def d4rt_targets(scene: dict, u, v, t_src, t_tgt, t_cam) -> dict:
+  """Ground truth of D4RT queries at integer pixels ``(u, v)`` (column, row) of frame ``t_src``.
+
+  The pixel's depth gives its surface point at ``t_src``, ``X_w = c2w[t_src] (d K^-1 [u, v, 1])``,
+  exactly consistent with the depth map. Its position at ``t_tgt``:
+
+  * **exact** with ``segment`` and ``object_poses`` (the built-in dynamic scenes): the point moves
+    with the object seen at the pixel, ``P[t_tgt, j] P[t_src, j]^-1 X_w`` (static where the
+    segment is -1);
+  * with only ``tracks`` (S, P, 3) and ``track_visible``: the motion of the nearest track visible
+    at ``t_src`` (an approximation; ``exact`` is False);
+  * otherwise the scene is static.
+
+  Returns (arrays over the N queries): ``points`` (N, 3) the position at ``t_tgt`` in the camera
+  of ``t_cam``; ``uv`` (N, 2) its projection into frame ``t_tgt``, normalised like the queries
+  (``(x + 0.5) / W``) and ``uv_valid`` (N,) (in front of that camera); ``visible`` (N,) whether it is seen in frame ``t_tgt`` (in front, inside
+  the image and, at the nearest pixel, on the rendered surface: same segment when known, depth
+  within ``VISIBILITY_RTOL``); ``displacement`` (N, 3) ``X(t_tgt) - X(t_src)`` in the ``t_cam``
+  frame; ``normal`` (N, 3) the unit surface normal at ``t_tgt`` in the ``t_cam`` frame (rotated
+  with the object) and ``normal_valid`` (N,); ``valid`` (N,) depth > 0 at the pixel; ``exact``
+  (scalar bool).
+  """
+  depth = scene["depth"]
+  s, h, w = depth.shape
+  u, v = np.asarray(u, np.int64), np.asarray(v, np.int64)
+  t_src, t_tgt, t_cam = (np.asarray(t, np.int64) for t in (t_src, t_tgt, t_cam))
   d = depth[t_src, v, u].astype(np.float64)
-  ok &= d > 0
+  ok = d > 0
   k = scene["intrinsics"].astype(np.float64)
   e = scene["extrinsics"].astype(np.float64)
+  c2w = np.linalg.inv(e)
   pix = np.stack([u, v, np.ones_like(u)], -1).astype(np.float64)
   ray = np.einsum("nij,nj->ni", np.linalg.inv(k[t_src]), pix)
-  x_src = ray * d[:, None]
-  c2w = np.linalg.inv(e)
-  xw = np.einsum("nij,nj->ni", c2w[t_src, :3, :3], x_src) + c2w[t_src, :3, 3]
-  if "tracks" in scene and "track_visible" in scene:
-    xw = xw + _track_displacement(scene, xw, t_src, t_tgt)
-  x_cam = np.einsum("nij,nj->ni", e[t_cam, :3, :3], xw) + e[t_cam, :3, 3]
-  queries = np.stack([(u + 0.5) / w, (v + 0.5) / h, t_src, t_tgt, t_cam], -1).astype(np.float32)
-  return {"queries": queries, "query_pixels": np.stack([u, v], -1).astype(np.int32),
-          "query_points": np.where(ok[:, None], x_cam, 0).astype(np.float32),
-          "query_valid": ok, "query_near_edge": near & ok}
+  xw = np.einsum("nij,nj->ni", c2w[t_src, :3, :3], ray * d[:, None]) + c2w[t_src, :3, 3]
+  nrm = scene["normals"][t_src, v, u].astype(np.float64) if "normals" in scene else np.zeros((u.size, 3))
+  nw = np.einsum("nij,nj->ni", c2w[t_src, :3, :3], nrm)
+  exact = "segment" in scene and "object_poses" in scene
+  seg = None
+  if exact:
+    seg = scene["segment"][t_src, v, u].astype(np.int64)
+    poses = scene["object_poses"].astype(np.float64)
+    j = np.maximum(seg, 0)
+    rel = poses[t_tgt, j] @ np.linalg.inv(poses[t_src, j])
+    rel[seg < 0] = np.eye(4)
+    xw_t = np.einsum("nij,nj->ni", rel[:, :3, :3], xw) + rel[:, :3, 3]
+    nw = np.einsum("nij,nj->ni", rel[:, :3, :3], nw)
+  elif "tracks" in scene and "track_visible" in scene:
+    xw_t = xw + _track_displacement(scene, xw, t_src, t_tgt)
+  else:
+    xw_t = xw
+  rot = e[t_cam, :3, :3]
+  points = np.einsum("nij,nj->ni", rot, xw_t) + e[t_cam, :3, 3]
+  displacement = np.einsum("nij,nj->ni", rot, xw_t - xw)
+  normal = np.einsum("nij,nj->ni", rot, nw)
+  nn = np.linalg.norm(normal, axis=-1)
+  normal_valid = ok & (nn > 0.5)
+  normal = normal / np.maximum(nn, 1e-12)[:, None]
+  # visibility and image position in frame t_tgt
+  pt = np.einsum("nij,nj->ni", e[t_tgt, :3, :3], xw_t) + e[t_tgt, :3, 3]
+  z = pt[:, 2]
+  zs = np.where(z > 1e-9, z, 1.0)
+  uvw = np.einsum("nij,nj->ni", k[t_tgt], pt / zs[:, None])
+  x, y = uvw[:, 0], uvw[:, 1]
+  inside = (z > 1e-9) & (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
+  xi = np.clip(np.rint(x), 0, w - 1).astype(np.int64)
+  yi = np.clip(np.rint(y), 0, h - 1).astype(np.int64)
+  dm = depth[t_tgt, yi, xi].astype(np.float64)
+  visible = inside & ok & (np.abs(dm - z) <= VISIBILITY_RTOL * z)
+  if exact:
+    visible &= scene["segment"][t_tgt, yi, xi] == seg
+  uv = np.stack([(x + 0.5) / w, (y + 0.5) / h], -1)
+  uv = np.where((z > 1e-9)[:, None], uv, 0.0)
+  f32 = lambda a: a.astype(np.float32)  # noqa: E731
+  return {"points": f32(points), "uv": f32(uv), "uv_valid": ok & (z > 1e-9), "visible": visible,
+          "displacement": f32(displacement),
+          "normal": f32(normal), "normal_valid": normal_valid, "valid": ok,
+          "exact": np.bool_(exact)}
 
 
 def _motion_edges(scene: dict) -> np.ndarray:

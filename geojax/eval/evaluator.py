@@ -189,8 +189,12 @@ def pointmap_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], m
 
 
 def track_queries(scene: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """``(queries (P', 3) (t, u, v), kept (P,) bool)``: each GT track at the first frame it is
-  visible in, projected with the GT camera; tracks never visible are dropped."""
+  """``(queries (P', 3) (t, u, v), kept (P,) bool)``: the scene's own ``track_queries`` when it
+  has them (TAPVid-3D files), else each GT track at the first frame it is visible in, projected
+  with the GT camera; tracks never visible are dropped."""
+  if "track_queries" in scene:
+    q = np.asarray(scene["track_queries"], np.float32)
+    return q, np.ones(len(q), bool)
   tracks, vis = scene["tracks"].astype(np.float64), scene["track_visible"].astype(bool)
   kept = vis.any(0)
   t0 = np.argmax(vis, 0)
@@ -211,7 +215,7 @@ def track_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray],
   to_cam = lambda e, x: np.einsum("sij,spj->spi", e[:, :3, :3], x) + e[:, None, :3, 3]
   gt = to_cam(gt_w2c, scene["tracks"][:, kept].astype(np.float64))
   pt = to_cam(w2c, np.asarray(pred["tracks"], np.float64))
-  h, w = scene["images"].shape[1:3]
+  h, w = scene.get("image_hw", scene["images"].shape[1:3])
   tm = M.tapvid3d_metrics(pt, gt, np.asarray(pred["track_visible"]) > 0.5,
                           scene["track_visible"][:, kept], scene["intrinsics"][0], (h, w))
   return {f"track_{k}": v for k, v in tm.items() if k != "average_pts_within_thresh"}

@@ -8,6 +8,7 @@ the registry. To add a family, add a module here (and its import below), or regi
 another package through the ``geojax.families`` entry-point group.
 """
 
+from geojax.families import d4rt  # noqa: F401
 from geojax.families import da3  # noqa: F401
 from geojax.families import dage  # noqa: F401
 from geojax.families import pi3  # noqa: F401

@@ -100,7 +100,7 @@ def make_source(data, split: str = "train"):
   """The random-access scene source named by ``data.source``."""
   if data.source == "synthetic":
     return pipeline.SyntheticSource(data.seed, data.num_scenes, data.num_views, data.height,
-                                    data.width)
+                                    data.width, dynamic=bool(data.get("dynamic", False)))
   if data.source == "folder":
     from geojax.data.formats.scene_folder import SceneFolderSource
     if not data.path:
@@ -422,6 +422,9 @@ def train(config, workdir: str) -> dict[str, Any]:
                                       "edge_flying_ratio") if prefix + k in m}
     if prefix + "normal_mean" in m:
       out["normal_mean_deg"] = m[prefix + "normal_mean"]
+    for k in ("ate", "track_apd3d", "track_average_jaccard", "track_occlusion_accuracy"):
+      if prefix + k in m:  # video models: camera trajectory and 3D tracks (TAPVid-3D)
+        out[k.removeprefix("track_")] = m[prefix + k]
     return out
   summary = {"before": pick(first), "after": pick(final), "steps": step,
              "seconds": round(seconds, 1), "preempted": preempted,
