@@ -124,11 +124,15 @@ def evaluate(cfg) -> dict:
   options = dict(depth_align=cfg.depth_align, pose_thresholds=tuple(cfg.pose_thresholds),
                  pointcloud_threshold=cfg.pointcloud_threshold,
                  pointcloud_max_points=cfg.pointcloud_max_points, max_depth=cfg.data.max_depth,
-                 pointmap_align=cfg.get("pointmap_align", "scale"))
+                 pointmap_align=cfg.get("pointmap_align", "scale"),
+                 depth_scope=cfg.get("depth_scope", "view"))
   from geojax.eval.metrics import POINTMAP_ALIGN_MODES
   from geojax.geometry.alignment import ALIGN_MODES
   if cfg.depth_align not in ALIGN_MODES:
     raise ValueError(f"depth_align {cfg.depth_align!r} is not one of {', '.join(ALIGN_MODES)}")
+  if options["depth_scope"] not in evaluator.DEPTH_SCOPES:
+    raise ValueError(f"depth_scope {options['depth_scope']!r} is not one of "
+                     f"{', '.join(evaluator.DEPTH_SCOPES)}")
   if options["pointmap_align"] not in POINTMAP_ALIGN_MODES:
     raise ValueError(f"pointmap_align {options['pointmap_align']!r} is not one of "
                      f"{', '.join(POINTMAP_ALIGN_MODES)}")

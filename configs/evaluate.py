@@ -34,6 +34,9 @@ Fields:
   depth_align: alignment of predicted to GT depth per view before depth metrics:
     ``none``, ``median``, ``scale``, ``scale_shift``, ``disparity_affine`` or ``log_affine``
     (affine in ``log(1 + d)``); the family's default (PPD: ``log_affine``), else ``median``.
+  depth_scope: ``view`` (default: one alignment per view) or ``sequence`` (one alignment over all
+    views of a scene: video depth as video benchmarks score it, e.g. D4RT with
+    ``depth_align=scale`` or ``scale_shift``).
   pose_thresholds: AUC thresholds in degrees.
   pointcloud_threshold: precision/recall distance in GT units (metres for synthetic scenes);
     predicted points are aligned to GT points by Umeyama Sim(3) over pixel correspondences.
@@ -62,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       width=504, max_depth=0.0, dynamic=False))
   c.metrics = "all"
   c.depth_align = family.depth_align or "median"
+  c.depth_scope = "view"
   c.pose_thresholds = (3, 5, 15, 30)
   c.pointcloud_threshold = 0.05
   c.pointcloud_max_points = 200_000

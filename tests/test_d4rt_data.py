@@ -122,6 +122,97 @@ def test_pipeline_dynamic_queries():
                                rtol=1e-5)
 
 
+def test_crop_box_area_and_log_uniform_aspect():
+  rng = np.random.default_rng(0)
+  boxes = np.array([T.sample_crop_box(rng, (300, 300), (0.3, 0.6), (0.75, 4 / 3))
+                    for _ in range(4000)])
+  top, left, ch, cw = boxes.T
+  assert (top >= 0).all() and (left >= 0).all() and (top + ch <= 300).all() and (left + cw <= 300).all()
+  area, log_r = ch * cw / 300 ** 2, np.log(cw / ch)
+  assert area.min() > 0.29 and area.max() < 0.61 and abs(area.mean() - 0.45) < 0.01
+  assert log_r.min() > np.log(0.74) and log_r.max() < np.log(4 / 3 * 1.01)
+  # log-uniform: mean log-aspect 0 and mean aspect (4/3 - 3/4) / log(16/9) = 1.0138, where a
+  # uniform aspect would give 1.0417
+  assert abs(log_r.mean()) < 0.015 and abs(np.mean(cw / ch) - 1.0138) < 0.008
+  box = T.sample_crop_box(rng, (200, 300), (0.3, 1.0), (0.75, 4 / 3))
+  assert box[0] + box[2] <= 200 and box[1] + box[3] <= 300
+  # an impossible request falls back to the largest centred crop of the middle aspect
+  assert T.sample_crop_box(rng, (10, 100), (0.9, 1.0), (1.0, 1.0)) == (0, 45, 10, 10)
+
+
+def test_crop_resize_views_keeps_geometry_exact():
+  """Per-view boxes (a zoom-in) resized to a square: every GT track projects, with the new
+  per-view intrinsics, to where its old position lands after crop and resize; per-pixel depth stays
+  the depth of the source pixel (nearest)."""
+  sc = SCENE
+  box = (6, 10, 30, 40)
+  boxes = T.zoom_boxes(box, S, 0.6, (H, W))
+  assert tuple(boxes[0]) == box and boxes[-1, 2] == 18 and boxes[-1, 3] == 24
+  assert (np.diff(boxes[:, 2]) <= 0).all()
+  out = T.crop_resize_views(sc, boxes, (32, 32))
+  assert out["images"].shape == (S, 32, 32, 3) and out["depth"].shape == (S, 32, 32)
+  for i in range(S):
+    t, l, ch, cw = boxes[i]
+    x = sc["tracks"][i].astype(np.float64)
+    uv0, _ = _project(sc["intrinsics"][i].astype(np.float64), sc["extrinsics"][i], x)
+    uv1, _ = _project(out["intrinsics"][i].astype(np.float64), out["extrinsics"][i], x)
+    # pixel centres at integers: u' + 1/2 = (u - left + 1/2) * 32 / width
+    np.testing.assert_allclose(uv1, (uv0 - [l, t] + 0.5) * [32 / cw, 32 / ch] - 0.5, atol=1e-3)
+    src = T.resize_nearest(sc["depth"][i:i + 1, t:t + ch, l:l + cw], (32, 32))[0]
+    np.testing.assert_array_equal(out["depth"][i], src)
+  # one box for all views takes the batched path and agrees with the per-view one
+  same = T.crop_resize_views(sc, np.tile(box, (S, 1)), (32, 32))
+  np.testing.assert_array_equal(same["images"][0], out["images"][0])
+  np.testing.assert_allclose(same["intrinsics"][0], out["intrinsics"][0], rtol=1e-6)
+
+
+def test_photometric_drop_and_blur():
+  img = SCENE["images"][:2]
+  grey = T.color_drop(img)
+  assert grey.dtype == np.uint8 and (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+  want = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+  assert np.abs(grey[..., 0] - want).max() <= 0.5 + 1e-3
+  blur = T.random_blur(img, 1.5)
+  assert blur.shape == img.shape and blur.dtype == np.uint8
+  # a blur lowers the image's high frequencies and keeps its mean; the two views get the same one
+  hf = lambda x: np.abs(np.diff(x.astype(np.float32), axis=2)).mean()
+  assert hf(blur) < 0.7 * hf(img) and abs(blur.mean() - img.mean()) < 1.0
+  np.testing.assert_array_equal(T.random_blur(img[1:], 1.5), blur[1:])
+
+
+def test_pipeline_d4rt_augmentation():
+  """The paper's augmentations in the pipeline: a random-resized (zooming) crop, colour drop and
+  blur, with the query targets still exact for the clip the model sees and the box's aspect
+  ratio in the batch; bad values name the field."""
+  cfg = PipelineConfig(family="d4rt", buckets=((48, 48),), min_views=4, max_views=4,
+                       batch_size=4, patch_size=16, num_queries=256, view_order="strided",
+                       crop_area=(0.3, 1.0), zoom_prob=1.0, color_drop_prob=1.0, blur_prob=1.0)
+  src = SyntheticSource(5, 4, 6, 48, 64, dynamic=True)
+  b = make_dataset(src, cfg, seed=0, process_index=0, process_count=1)[0]
+  im = b["images"].astype(int)
+  assert (im[..., 0] == im[..., 1]).all()  # colour drop
+  assert b["aspect"].shape == (4,) and (b["aspect"] > 0.74).all() and (b["aspect"] < 1.34).all()
+  assert len(set(np.round(b["aspect"], 4))) > 1
+  for i in range(4):
+    q, px = b["queries"][i], b["query_pixels"][i]
+    ts, tc = q[:, 2].astype(int), q[:, 4].astype(int)
+    m = (ts == tc) & (q[:, 3].astype(int) == ts) & b["query_valid"][i]
+    assert m.sum() > 5
+    np.testing.assert_allclose(b["query_points"][i][m, 2],
+                               b["depth"][i][ts[m], px[m, 1], px[m, 0]], rtol=1e-5)
+    # a zoom-in: the focal length grows over the clip
+    f = b["intrinsics"][i][:, 0, 0]
+    assert f[-1] > 1.05 * f[0]
+  plain = make_dataset(src, cfg.replace(crop_area=None), seed=0, process_index=0,
+                       process_count=1)[0]
+  np.testing.assert_allclose(plain["aspect"], 1.0)
+  for kw, field in ((dict(crop_area=(0.0, 1.0)), "crop_area"), (dict(blur_prob=1.5), "blur_prob"),
+                    (dict(crop_aspect=(2.0, 1.0)), "crop_aspect"),
+                    (dict(zoom_factor=(0.5, 1.5)), "zoom_factor"), (dict(crop_area="big"), "crop_area")):
+    with pytest.raises(ValueError, match=f"PipelineConfig.{field}"):
+      cfg.replace(**kw)
+
+
 # ----------------------------------------------------------------------------- loss
 
 

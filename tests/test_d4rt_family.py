@@ -61,6 +61,9 @@ def test_predict_video_end_to_end(ckpts, clip, tmp_path, capsys):
   assert tr["tracks"].shape == (NF, 9, 3) and tr["visibility"].shape == (NF, 9)
   np.testing.assert_allclose(tr["queries"][:, 0], 0)
   assert (root / "tracks.png").is_file()
+  import imageio.v3 as iio  # the video extra is part of make test's install
+  mp4 = iio.imread(root / "tracks.mp4")
+  assert mp4.shape[0] == NF and mp4.shape[-1] == 3 and mp4.std() > 0
   files = {p.name for p in root.iterdir()}
   assert any(n.endswith(".ply") for n in files), files  # the point cloud
   # --queries: the exported queries track the same points
@@ -72,14 +75,17 @@ def test_predict_video_end_to_end(ckpts, clip, tmp_path, capsys):
 
 
 def test_predict_long_video_in_chunks(ckpts):
-  """A video longer than the 8-frame clip runs as overlapping clips (Sim(3)-aligned)."""
+  """A video longer than the 8-frame clip runs as overlapping clips (Sim(3)-aligned), its
+  tracks chained across them."""
   model, _, _ = registry.load_checkpoint(ckpts["d4rt"])
   sc = render_scene(2, 3, num_views=13, height=32, width=32, dynamic=True)
   pred = fam.predict(model, list(sc["images"]), resolution=0, track_grid=2)
   assert pred.depth.shape == (13, 32, 32) and np.isfinite(pred.depth).all()
   assert pred.extrinsics.shape == (13, 4, 4) and np.isfinite(pred.extrinsics).all()
   np.testing.assert_allclose(pred.extrinsics[0], np.eye(4), atol=1e-4)
-  assert pred.tracks is None and any("not chained" in w for w in pred.warnings)
+  # tracks of a 2 x 2 grid of frame 0, chained over both clips
+  assert pred.tracks.shape == (13, 4, 3) and np.isfinite(pred.tracks).all()
+  assert pred.track_visibility.shape == (13, 4) and not pred.warnings
 
 
 @pytest.mark.parametrize("extra,needle", [

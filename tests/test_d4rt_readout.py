@@ -157,6 +157,48 @@ def test_long_video_chunks_aligned_by_sim3():
     R.reconstruct_long(answer_for, 8, chunk=4, overlap=4, hw=(H, W))
 
 
+def test_long_video_tracks_chained_across_chunks():
+  """Tracks on a video of three chunks at arbitrary scales: queries in the first and in the last
+  chunk follow their points over all 8 frames (forward and backward hand-overs), in the video's
+  frame, as one oracle over the whole video says up to the half-pixel re-query of a hand-over."""
+  sc = render_scene(7, 2, num_views=8, height=H, width=W, dynamic=True, num_tracks=16,
+                    scene_type="room", trajectory="walk")
+  scales = {0: 1.0, 2: 0.37, 4: 2.9, 6: 1.6}
+  calls = []
+
+  def answer_for(s, e):
+    calls.append((s, e))
+    return oracle(T.select_views(sc, np.arange(s, e)), scale=scales.get(s, 0.8))
+
+  rec = R.reconstruct_long(answer_for, 8, chunk=4, overlap=2, hw=(H, W), grid=(6, 8))
+  assert len(rec["sim3"]) == 3 and rec["sim3"][0][0] == 1.0
+  # static pixels (segment -1) of frames 0 and 7, well inside the image
+  pick = []
+  for t in (0, 7):
+    v, u = np.nonzero(sc["segment"][t] < 0)
+    ok = (u > 2) & (u < W - 3) & (v > 2) & (v < H - 3)
+    sel = np.random.default_rng(t).choice(np.flatnonzero(ok), 12, replace=False)
+    pick += [(t, (u[j] + 0.5) / W, (v[j] + 0.5) / H) for j in sel]
+  qp = np.array(pick)
+  calls.clear()
+  out = R.long_tracks(answer_for, 8, rec["chunks"], rec["sim3"], qp)
+  assert out["points"].shape == (8, 24, 3) and np.isfinite(out["points"]).all()
+  assert set(calls) == {(0, 4), (2, 6), (4, 8)}
+  want = R.tracks(oracle(sc), 8, qp, t_cam=0)["points"]  # one clip: the camera-0 frame
+  err = np.linalg.norm(out["points"] - want, axis=-1)
+  # the query's own chunk is exact; hand-overs land within a pixel's footprint of the point
+  np.testing.assert_allclose(out["points"][:4, :12], want[:4, :12], atol=1e-3)
+  np.testing.assert_allclose(out["points"][4:, 12:], want[4:, 12:], atol=1e-3)
+  footprint = 1.5 * sc["depth"].max() / sc["intrinsics"][0, 0, 0]
+  assert err.max() < footprint, (err.max(), footprint)
+  # without the Sim(3) the far chunk's 2.9x scale would be metres off
+  raw = R.long_tracks(answer_for, 8, rec["chunks"], [(1.0, np.eye(3), np.zeros(3))] * 3, qp)
+  assert np.linalg.norm(raw["points"] - want, axis=-1).max() > 5 * footprint
+  assert (out["visibility"][:, :12] > 0.5).mean() > 0.5
+  with pytest.raises(ValueError, match="does not exist"):
+    R.long_tracks(answer_for, 8, rec["chunks"], rec["sim3"], np.array([[8, 0.5, 0.5]]))
+
+
 def test_clip_answers_equal_direct_decoding():
   model = d4rt.D4RT.from_preset("d4rt-tiny", rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
@@ -175,3 +217,31 @@ def test_clip_answers_equal_direct_decoding():
   assert dm["depth"].shape == (4, 8, 8) and np.isfinite(dm["depth"]).all()
   with pytest.raises(ValueError, match="frame 4"):
     ans(np.array([[0.5, 0.5, 4, 0, 0]], np.float32))
+
+
+def test_track_video_frames_and_mp4(tmp_path):
+  """``track_frames`` draws every frame (the tiles of ``draw_tracks`` are among them) and
+  ``write_video`` writes an mp4 of odd-sized frames atomically (no temporary file left)."""
+  import imageio.v3 as iio
+
+  from geojax.data.formats import video
+  from geojax.io import visualize
+  rng = np.random.default_rng(0)
+  frames = np.full((5, 61, 95, 3), 40, np.uint8)
+  uv = rng.uniform(3, 58, (5, 4, 2))
+  vis = np.ones((5, 4))
+  vis[2, 1] = 0
+  vid = visualize.track_frames(frames, uv, vis)
+  assert vid.shape == frames.shape and (vid != 40).any(axis=-1).sum(axis=(1, 2)).min() > 0
+  tiles = visualize.draw_tracks(frames, uv, vis, max_frames=5)
+  np.testing.assert_array_equal(tiles, np.concatenate(list(vid), 1))
+  path = tmp_path / "t.mp4"
+  video.write_video(str(path), vid, fps=5)
+  back = iio.imread(path)
+  assert back.shape == (5, 62, 96, 3)  # padded to even sides
+  err = np.abs(back[:, None, :61, :95].astype(int) - vid[None].astype(int)).mean(axis=(2, 3, 4))
+  assert err.diagonal().max() < 8  # lossy, but each decoded frame is its own frame's picture
+  assert (err.argmin(axis=1) == np.arange(5)).all()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t.mp4"]
+  with pytest.raises(ValueError, match="uint8"):
+    video.write_video(str(tmp_path / "bad.mp4"), vid.astype(np.float32))

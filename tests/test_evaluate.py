@@ -50,8 +50,8 @@ def test_cli_writes_table_json_csv_pictures(tmp_path):
   res = json.loads((out / "results.json").read_text())
   assert len(res["scenes"]) == 2
   assert res["groups"] == ["depth", "pose", "pointcloud", "pointmap", "edge"]
-  for k in ("abs_rel", "delta1", "auc03", "auc30", "ate", "accuracy", "fscore", "rel_p",
-            "delta_p"):
+  for k in ("abs_rel", "delta1", "auc03", "auc30", "ate", "rpe_trans", "rpe_rot", "accuracy",
+            "fscore", "rel_p", "delta_p"):
     assert np.isfinite(res["mean"][k]), k
   assert 0 <= res["mean"]["delta1"] <= 1 and 0 <= res["mean"]["auc30"] <= 1
   rows = list(csv.DictReader(open(out / "scenes.csv")))
@@ -74,6 +74,7 @@ def test_cli_writes_table_json_csv_pictures(tmp_path):
     (["--config.metrics=depth,bogus"], "bogus"),
     (["--config.data.max_depth=0.001"], "no valid ground-truth depth"),
     (["--config.depth_align=sideways"], "sideways"),
+    (["--config.depth_scope=clip"], "depth_scope"),
 ])
 def test_cli_bad_input_one_line_error(tmp_path, args, needle):
   r = run_cli(*SMALL, f"--config.out_dir={tmp_path / 'e'}", *args)
@@ -180,6 +181,40 @@ def test_pointmap_group():
                        ("pointmap",), {"pointmap_align": "scale"}, None, False)
   assert rows[0]["scene"] == "s0" and set(rows[0]) == {"scene", "rel_p", "delta_p"}
   assert rows[0]["rel_p"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_depth_scope_and_rpe():
+  """``depth_scope="sequence"``: one alignment over all views, so a per-view scale drift is an
+  error there and not per view; RPE joins ATE in the pose group (zero for exact cameras, > 0 for
+  a rotated middle camera)."""
+  from geojax.data.synthetic import render_scene
+  from geojax.eval import evaluator
+  scene = render_scene(0, 0, num_views=3, height=24, width=32)
+  mask = evaluator.valid_mask(scene, 0.0)
+  gt = scene["depth"]
+  drift = gt * np.array([2.0, 2.0, 3.0])[:, None, None]  # the scale drifts in the last view
+  score = lambda depth, scope, align="scale": evaluator.score_scene(
+      {"depth": depth}, scene, mask, ("depth",), {"depth_align": align, "depth_scope": scope})
+  assert score(drift, "view")["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+  assert score(2.0 * gt, "sequence")["abs_rel"] == pytest.approx(0.0, abs=1e-6)
+  seq = score(drift, "sequence")["abs_rel"]
+  # by hand: s = sum(p g) / sum(p p) over all valid pixels, then per-view mean |s p - g| / g
+  m = mask
+  s = np.sum(drift[m] * gt[m]) / np.sum(drift[m] ** 2)
+  want = np.mean([np.mean(np.abs(s * drift[i][m[i]] - gt[i][m[i]]) / gt[i][m[i]])
+                  for i in range(3)])
+  assert seq == pytest.approx(want, rel=1e-5) and seq > 0.05
+  assert evaluator.sequence_aligned(drift, gt, mask, "median").shape == gt.shape
+
+  pose = lambda ext: evaluator.score_scene(
+      {"extrinsics": ext}, scene, mask, ("pose",), {"pose_thresholds": (5, 30)})
+  exact = pose(scene["extrinsics"])
+  assert exact["rpe_trans"] == pytest.approx(0.0, abs=1e-5)
+  assert exact["rpe_rot"] == pytest.approx(0.0, abs=1e-3)
+  bent = scene["extrinsics"].copy()
+  c, sn = np.cos(np.radians(10.0)), np.sin(np.radians(10.0))
+  bent[1, :3, :3] = np.array([[c, -sn, 0], [sn, c, 0], [0, 0, 1]]) @ bent[1, :3, :3]
+  assert pose(bent)["rpe_rot"] > 5.0
 
 
 def test_seam_error_is_relative_crop_disagreement():

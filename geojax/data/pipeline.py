@@ -60,6 +60,16 @@ class PipelineConfig:
     augment: colour jitter (train only); same factors for all views of a scene.
     brightness, contrast, saturation: jitter factors ``U[1 - x, 1 + x]``; hue: shift ``U[-x, x]`` turns.
     random_crop: random (train) instead of centred crop after the bucket resize.
+    crop_area: (train, with ``random_crop``) a random-resized crop instead: a box of area
+      fraction ``U[crop_area]`` and aspect ratio (width / height) log-uniform in ``crop_aspect``,
+      the same for every view, resized to the bucket (the aspect ratio may change; D4RT clips get
+      the box's ``aspect`` for the aspect token). ``None`` (default): aspect-preserving fit.
+    zoom_prob, zoom_factor: with a ``crop_area`` crop, the probability that the box zooms in
+      over the clip (view 0 the drawn box, the last view the same centre with sides
+      ``U[zoom_factor]`` as long, linear in between; per-view intrinsics).
+    color_drop_prob: (train, with ``augment``) probability that the clip turns grey (one draw
+      per clip). blur_prob, blur_sigma: probability of a Gaussian blur with sigma
+      ``U[blur_sigma]`` pixels, the same for every view.
     family: extra targets. ``"da3"``: none. ``"urgt"``: GridMix -- the bucket image is a
       ``gridmix_size``^2 lattice of patches of (H/4, W/4); per batch a grid ``n`` in 1..4 is drawn
       with ``gridmix_probs`` and each sample keeps a random contiguous n x n block (images
@@ -91,6 +101,13 @@ class PipelineConfig:
   saturation: float = 0.2
   hue: float = 0.02
   random_crop: bool = True
+  crop_area: tuple[float, float] | None = None
+  crop_aspect: tuple[float, float] = (0.75, 4 / 3)
+  zoom_prob: float = 0.0
+  zoom_factor: tuple[float, float] = (0.5, 0.9)
+  color_drop_prob: float = 0.0
+  blur_prob: float = 0.0
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
   family: str = "da3"
   gridmix_probs: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
   gridmix_size: int = 4
@@ -112,6 +129,14 @@ class PipelineConfig:
       object.__setattr__(self, "bucket_weights", tuple(float(x) for x in self.bucket_weights))
     object.__setattr__(self, "gridmix_probs", tuple(float(x) for x in self.gridmix_probs))
     object.__setattr__(self, "ppd_quantiles", tuple(float(x) for x in self.ppd_quantiles))
+    for f in ("crop_area", "crop_aspect", "zoom_factor", "blur_sigma"):
+      v = getattr(self, f)
+      if v is not None:
+        try:
+          v = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+          raise ValueError(f"PipelineConfig.{f}: expected a pair of numbers (lo, hi); got {v!r}")
+        object.__setattr__(self, f, v)
     self.validate()
 
   def validate(self) -> None:
@@ -146,6 +171,19 @@ class PipelineConfig:
         bad(f, f"must be in [0, 1); got {getattr(self, f)}")
     if not 0 <= self.hue <= 0.5:
       bad("hue", f"must be in [0, 0.5]; got {self.hue}")
+    def pair(f, lo, hi, strict_lo=False):
+      v = getattr(self, f)
+      if (len(v) != 2 or not v[0] <= v[1] or not hi >= v[1] or
+          not (v[0] > lo if strict_lo else v[0] >= lo)):
+        bad(f, f"needs {lo} {'<' if strict_lo else '<='} lo <= hi <= {hi}; got {v}")
+    if self.crop_area is not None:
+      pair("crop_area", 0.0, 1.0, strict_lo=True)
+    pair("crop_aspect", 0.0, float("inf"), strict_lo=True)
+    pair("zoom_factor", 0.0, 1.0, strict_lo=True)
+    pair("blur_sigma", 0.0, float("inf"))
+    for f in ("zoom_prob", "color_drop_prob", "blur_prob"):
+      if not 0 <= getattr(self, f) <= 1:
+        bad(f, f"must be in [0, 1]; got {getattr(self, f)}")
     if self.family not in FAMILIES:
       bad("family", f"must be one of {FAMILIES}; got {self.family!r}")
     if (len(self.gridmix_probs) != self.gridmix_size or min(self.gridmix_probs) < 0
@@ -249,16 +287,31 @@ class SceneTransform:
     order = cfg.view_order if self.train else "first"
     views = T.sample_views(n_avail, plan["num_views"], rng, order)
     out = T.select_views(scene, views)
-    crop_rng = rng if (self.train and cfg.random_crop) else None
-    out = T.fit_to_bucket(out, plan["bucket"], crop_rng)
+    hb, wb = plan["bucket"]
+    aspect = wb / hb
+    if self.train and cfg.random_crop and cfg.crop_area is not None:
+      hw = out["images"].shape[1:3]
+      box = T.sample_crop_box(rng, hw, cfg.crop_area, cfg.crop_aspect)
+      boxes = np.tile(np.asarray(box), (out["images"].shape[0], 1))
+      if cfg.zoom_prob > 0 and rng.uniform() < cfg.zoom_prob:
+        boxes = T.zoom_boxes(box, len(boxes), rng.uniform(*cfg.zoom_factor), hw)
+      out = T.crop_resize_views(out, boxes, (hb, wb))
+      aspect = box[3] / box[2]
+    else:
+      out = T.fit_to_bucket(out, (hb, wb), rng if (self.train and cfg.random_crop) else None)
     if self.train and cfg.augment:
       params = T.sample_color_jitter(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
       out["images"] = T.apply_color_jitter(out["images"], params)
+      if cfg.color_drop_prob > 0 and rng.uniform() < cfg.color_drop_prob:
+        out["images"] = T.color_drop(out["images"])
+      if cfg.blur_prob > 0 and rng.uniform() < cfg.blur_prob:
+        out["images"] = T.random_blur(out["images"], rng.uniform(*cfg.blur_sigma))
     if cfg.family == "urgt":
       out = T.gridmix_crop(out, plan["grid_n"], rng if self.train else None, cfg.gridmix_size)
     elif cfg.family == "d4rt":
       out.update(T.sample_d4rt_queries(out, rng, cfg.num_queries, cfg.edge_fraction,
                                        cfg.same_time_prob, cfg.edge_threshold))
+      out["aspect"] = np.float32(aspect)  # W / H of what the square clip shows (aspect token)
     elif cfg.family == "ppd":
       enc, q_lo, q_hi = T.encode_depth_ppd(out["depth"], out["valid"], quantiles=cfg.ppd_quantiles,
                                            max_depth=cfg.ppd_max_depth, out_range=cfg.ppd_range)

@@ -198,6 +198,76 @@ def sample_views(num_available: int, num_views: int, rng: np.random.Generator,
   return np.sort(idx) if order in ("ordered", "first", "strided") else idx
 
 
+def sample_crop_box(rng: np.random.Generator, hw: tuple[int, int],
+                    area: tuple[float, float] = (0.3, 1.0),
+                    aspect: tuple[float, float] = (0.75, 4 / 3), tries: int = 10
+                    ) -> tuple[int, int, int, int]:
+  """A random ``(top, left, height, width)`` crop of an ``hw`` image: area fraction
+  ``U[area]``, aspect ratio ``width / height`` log-uniform in ``aspect`` (torchvision's
+  RandomResizedCrop rule; D4RT: area 0.3-1.0, log-uniform aspect). After ``tries`` draws that do
+  not fit, the largest centred crop of the middle aspect."""
+  h, w = hw
+  lo, hi = np.log(aspect[0]), np.log(aspect[1])
+  for _ in range(tries):
+    a = rng.uniform(*area) * h * w
+    r = float(np.exp(rng.uniform(lo, hi)))
+    cw, ch = int(round(np.sqrt(a * r))), int(round(np.sqrt(a / r)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  r = float(np.exp((lo + hi) / 2))
+  cw, ch = (w, max(1, min(h, int(round(w / r))))) if w / h < r else (max(1, min(w, int(round(h * r)))), h)
+  return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def zoom_boxes(box: tuple[int, int, int, int], num_views: int, factor: float,
+               hw: tuple[int, int]) -> np.ndarray:
+  """``(S, 4)`` integer crop boxes that zoom in over the clip: view 0 is ``box``, the last view the
+  same centre with sides ``factor`` (< 1) times as long, linear in between."""
+  top, left, ch, cw = box
+  cy, cx = top + ch / 2, left + cw / 2
+  f = 1.0 + (factor - 1.0) * (np.arange(num_views) / max(num_views - 1, 1))
+  hs, ws = np.maximum(1, np.round(ch * f)), np.maximum(1, np.round(cw * f))
+  tops = np.clip(np.round(cy - hs / 2), 0, hw[0] - hs)
+  lefts = np.clip(np.round(cx - ws / 2), 0, hw[1] - ws)
+  return np.stack([tops, lefts, hs, ws], -1).astype(np.int64)
+
+
+def crop_resize_views(scene: dict, boxes: np.ndarray, out_hw: tuple[int, int]) -> dict:
+  """Crop view ``i`` of ``scene`` to ``boxes[i] = (top, left, height, width)`` and resize it to
+  ``out_hw`` (the aspect ratio may change): images bilinear, per-pixel maps nearest, intrinsics
+  exact per view (crop, then per-axis scale), ray maps recomputed."""
+  boxes = np.asarray(boxes, np.int64)
+  if np.all(boxes == boxes[:1]):  # one box for the clip: crop and resize all views at once
+    t, l, ch, cw = (int(v) for v in boxes[0])
+    return resize_scene(crop_scene(scene, t, l, (ch, cw)), out_hw)
+  views = [resize_scene(crop_scene(_view(scene, i), *(int(v) for v in b[:2]), tuple(int(v) for v in b[2:])), out_hw)
+           for i, b in enumerate(boxes)]
+  out = dict(scene)
+  for key in ["images", "ray_map", "intrinsics"] + _pixel_keys(scene):
+    if key in scene:
+      out[key] = np.concatenate([v[key] for v in views])
+  return out
+
+
+def _view(scene: dict, i: int) -> dict:
+  """View ``i`` of the per-pixel maps, images, ray map and camera (leading axis kept)."""
+  keys = ["images", "ray_map", "intrinsics", "extrinsics"] + _pixel_keys(scene)
+  return {k: scene[k][i:i + 1] for k in keys if k in scene}
+
+
+def random_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian blur of uint8 ``(S, H, W, 3)`` images, the same ``sigma`` (pixels) for every view."""
+  from scipy import ndimage  # host-only dependency, imported lazily
+  x = ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, sigma, sigma, 0), mode="nearest")
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def color_drop(images: np.ndarray) -> np.ndarray:
+  """Grey (luma, BT.601) copies of uint8 ``(S, H, W, 3)`` images, kept three-channel."""
+  grey = images.astype(np.float32) @ _YIQ[0]
+  return np.repeat(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None], 3, -1)
+
+
 # ---------------------------------------------------------------------------------- photometric
 
 

@@ -2,10 +2,13 @@
 
 Used by ``evaluate.py``. Metric groups:
 
-- ``depth``: :func:`geojax.eval.metrics.depth_metrics` per view after per-view alignment
-  (``depth_align``), averaged over the views of a scene;
+- ``depth``: :func:`geojax.eval.metrics.depth_metrics` per view, averaged over the views of a
+  scene, after alignment (``depth_align``) per view (``depth_scope="view"``) or once over all views
+  of the scene (``depth_scope="sequence"``: one scale (and shift) for the whole video, the usual
+  protocol of video depth benchmarks);
 - ``pose`` (models that predict cameras, >= 2 views): pose AUC over all view pairs, RRA/RTA and,
-  with >= 3 views, ATE after Sim(3) alignment of camera centres;
+  with >= 3 views, ATE and RPE (consecutive frames: ``rpe_trans``, ``rpe_rot`` in degrees and
+  their RMSE / mean companions) after Sim(3) alignment of camera centres;
 - ``pointcloud``: predicted depth un-projected with the predicted cameras (GT cameras for
   depth-only models), aligned to the GT points by Umeyama Sim(3) over pixel correspondences, then
   accuracy / completeness / Chamfer / precision / recall / F-score;
@@ -53,6 +56,7 @@ NEEDS = {"depth": "depth", "pose": "cameras", "pointcloud": "depth", "pointmap":
          "normal": "normals", "track": "tracks", "edge": "depth", "seam": "patches"}
 DEPTH_GROUPS = ("depth", "pointcloud", "pointmap", "edge")  # groups scored against GT depth
 GT_KEYS = {"normal": "normals", "track": "tracks"}  # scene keys those groups need
+DEPTH_SCOPES = ("view", "sequence")  # one depth alignment per view, or one per scene
 
 
 def parse_groups(spec: str, predicts: tuple[str, ...], has_depth: bool = True
@@ -97,8 +101,11 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
   out: dict[str, float] = {}
   s = scene["extrinsics"].shape[0]
   if "depth" in groups:
-    per_view = [M.depth_metrics(pred["depth"][i], scene["depth"][i], mask[i],
-                                align=options["depth_align"]) for i in range(s) if mask[i].any()]
+    depth, align = pred["depth"], options["depth_align"]
+    if options.get("depth_scope", "view") == "sequence":
+      depth, align = sequence_aligned(depth, scene["depth"], mask, align), "none"
+    per_view = [M.depth_metrics(depth[i], scene["depth"][i], mask[i], align=align)
+                for i in range(s) if mask[i].any()]
     for k in per_view[0]:
       out[k] = float(np.mean([v[k] for v in per_view]))
   if "pose" in groups and s >= 2:
@@ -107,6 +114,7 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     out.update(M.rra_rta(ext_p, ext_g))
     if s >= 3:
       out["ate"] = float(M.ate(ext_p, ext_g))
+      out.update(M.rpe(ext_p, ext_g))
   if "normal" in groups and "normals" in scene:
     nm = M.normal_metrics(pred["normals"], scene["normals"], mask)
     out.update({f"normal_{k}": v for k, v in nm.items()})
@@ -135,6 +143,16 @@ def score_scene(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask:
     out["seam_ce_provisional"] = float(np.mean([
         seam_error(p, b) for p, b in zip(pred["patch_depth"], pred["patch_boxes"])]))
   return out
+
+
+def sequence_aligned(pred_depth: np.ndarray, gt_depth: np.ndarray, mask: np.ndarray,
+                     mode: str) -> np.ndarray:
+  """``(S, H, W)`` predicted depth aligned to the GT by one fit (``mode`` of
+  :func:`geojax.geometry.alignment.align_depth`) over the valid pixels of all ``S`` views."""
+  p, g, m = (np.asarray(a) for a in (pred_depth, gt_depth, mask))
+  s, h, w = p.shape
+  flat = lambda a: a.reshape(s * h, w)  # the views stacked into one image: one alignment
+  return np.asarray(alignment.align_depth(flat(p), flat(g), flat(m), mode=mode)).reshape(s, h, w)
 
 
 def edge_scores(pred: dict[str, np.ndarray], scene: dict[str, np.ndarray], mask: np.ndarray,

@@ -11,8 +11,8 @@
   camera 0 (``(u, v, t, t, 0)``), cameras by Umeyama on a 16 x 16 grid (``--keep`` most
   confident), intrinsics by the median rule, and 3D tracks of a grid of points of frame 0
   (``--track-grid``) or of ``--queries file.npz``. Videos longer than the model's clip run as
-  overlapping clips aligned by Sim(3) (``--overlap``); their tracks are not chained across
-  clips (only depth, points and cameras are returned then);
+  overlapping clips aligned by Sim(3) (``--overlap``), with tracks chained from clip to clip
+  through the frames they share (:func:`geojax.models.d4rt_readout.long_tracks`);
 - training (:class:`D4RTTask`, ``configs/d4rt.py``): the composite per-query loss
   (:func:`geojax.losses.d4rt.d4rt_loss`) on the pipeline's ``d4rt`` queries.
 """
@@ -212,10 +212,9 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
     out = {"local_points": cam, "world_points": rec["points"], "depth": rec["depth"],
            "depth_conf": rec["confidence"], "normals": None, "extrinsics": w2c,
            "intrinsics": np.broadcast_to(np.median(k, 0), (total, 3, 3))}
-    if tn is not None:
-      warn.append(f"3D tracks are not chained across clips: a video of {n} frames is longer "
-                  f"than this model's {cfg.num_frames}-frame clip, so no tracks were computed")
-      tp = None
+    if tn is not None:  # chained from clip to clip through the shared frames
+      tr = R.long_tracks(answer_for, total, rec["chunks"], rec["sim3"], tn)
+      out["tracks"], out["track_visibility"] = tr["points"], tr["visibility"]
   seconds = time.perf_counter() - t0
   hh, ww = hw
   pixels = np.stack([np.asarray(Image.fromarray(im).resize((ww, hh), Image.BILINEAR))
@@ -264,7 +263,8 @@ class D4RTTask:
         tgt[key] = jnp.where(finite[..., None], jnp.asarray(tgt[key], jnp.float32), 0.0)
     tgt["query_valid"] = valid
     q = jnp.where(jnp.isfinite(q), q, 0.0)
-    pred = model(video, q)
+    aspect = jnp.asarray(batch["aspect"], jnp.float32) if "aspect" in batch else 1.0
+    pred = model(video, q, aspect=aspect)
     parts = L.d4rt_loss(pred, tgt, dict(self.weights) or None)
     aux = {k: parts[k] for k in L.TERMS + ("l3d",)}
     aux["nonfinite_queries"] = jnp.sum(~finite).astype(jnp.float32)

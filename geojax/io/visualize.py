@@ -96,6 +96,28 @@ def track_colors(n: int) -> np.ndarray:
                   np.uint8).reshape(n, 3)
 
 
+def _track_frame(frame: np.ndarray, uv: np.ndarray, ok: np.ndarray, colors: np.ndarray, t: int,
+                 trail: int, radius: int) -> np.ndarray:
+  """Frame ``t`` with a dot at every track visible there and its trail over ``trail`` frames."""
+  from PIL import ImageDraw
+  im = Image.fromarray(np.ascontiguousarray(frame))
+  draw = ImageDraw.Draw(im)
+  for p in np.flatnonzero(ok[t]):
+    pts = [tuple(uv[j, p] + 0.5) for j in range(max(0, t - trail), t + 1) if ok[j, p]]
+    c = tuple(int(v) for v in colors[p])
+    if len(pts) > 1:
+      draw.line(pts, fill=c, width=1)
+    x, y = pts[-1]
+    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=c)
+  return np.asarray(im)
+
+
+def _track_inputs(uv, visible):
+  vis = np.asarray(visible) > 0.5
+  uv = np.asarray(uv, np.float64)
+  return uv, vis & np.all(np.isfinite(uv), -1), track_colors(uv.shape[1])
+
+
 def draw_tracks(frames: np.ndarray, uv: np.ndarray, visible: np.ndarray, *,
                 max_frames: int = 4, trail: int = 8, radius: int = 2) -> np.ndarray:
   """A picture of 2D tracks over frames: up to ``max_frames`` frames (evenly chosen) side by
@@ -107,23 +129,16 @@ def draw_tracks(frames: np.ndarray, uv: np.ndarray, visible: np.ndarray, *,
     uv: ``(S, P, 2)`` pixel positions (geojax convention; non-finite = unknown).
     visible: ``(S, P)`` bool or probabilities (> 0.5 = visible).
   """
-  from PIL import ImageDraw
   s, h, w = frames.shape[:3]
-  vis = np.asarray(visible) > 0.5
-  uv = np.asarray(uv, np.float64)
-  ok = vis & np.all(np.isfinite(uv), -1)
-  colors = track_colors(uv.shape[1])
+  uv, ok, colors = _track_inputs(uv, visible)
   pick = np.unique(np.linspace(0, s - 1, min(max_frames, s)).round().astype(int))
-  tiles = []
-  for t in pick:
-    im = Image.fromarray(np.ascontiguousarray(frames[t]))
-    draw = ImageDraw.Draw(im)
-    for p in np.flatnonzero(ok[t]):
-      pts = [tuple(uv[j, p] + 0.5) for j in range(max(0, t - trail), t + 1) if ok[j, p]]
-      c = tuple(int(v) for v in colors[p])
-      if len(pts) > 1:
-        draw.line(pts, fill=c, width=1)
-      x, y = pts[-1]
-      draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=c)
-    tiles.append(np.asarray(im))
+  tiles = [_track_frame(frames[t], uv, ok, colors, t, trail, radius) for t in pick]
   return np.concatenate(tiles, 1) if tiles else np.zeros((h, w, 3), np.uint8)
+
+
+def track_frames(frames: np.ndarray, uv: np.ndarray, visible: np.ndarray, *, trail: int = 8,
+                 radius: int = 2) -> np.ndarray:
+  """Every frame ``(S, H, W, 3)`` with the tracks drawn as in :func:`draw_tracks` (a video)."""
+  uv, ok, colors = _track_inputs(uv, visible)
+  return np.stack([_track_frame(frames[t], uv, ok, colors, t, trail, radius)
+                   for t in range(frames.shape[0])])

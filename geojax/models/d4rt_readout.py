@@ -253,6 +253,7 @@ def reconstruct_long(answer_for: Callable[[int, int], Answer], num_frames: int, 
   conf = np.zeros((num_frames, h, w))
   c2w = np.tile(np.eye(4), (num_frames, 1, 1))
   done = np.zeros(num_frames, bool)
+  sim3 = []
   for s, e in spans:
     ans = answer_for(s, e)
     n = e - s
@@ -267,6 +268,7 @@ def reconstruct_long(answer_for: Callable[[int, int], Answer], num_frames: int, 
       sc, rot, tr = _umeyama(src[m], dst[m], with_scale=True)
     else:
       sc, rot, tr = 1.0, np.eye(3), np.zeros(3)
+    sim3.append((float(sc), np.asarray(rot, np.float64), np.asarray(tr, np.float64)))
     new = np.flatnonzero(~done[s:e])
     pts[s + new] = sc * p[new] @ rot.T + tr
     conf[s + new] = c[new]
@@ -276,7 +278,89 @@ def reconstruct_long(answer_for: Callable[[int, int], Answer], num_frames: int, 
     done[s:e] = True
   w2c = np.linalg.inv(c2w)
   depth = np.einsum("tij,thwj->thwi", w2c[:, :3, :3], pts)[..., 2] + w2c[:, None, None, 2, 3]
-  return {"points": pts, "extrinsics": w2c, "depth": depth, "confidence": conf, "chunks": spans}
+  return {"points": pts, "extrinsics": w2c, "depth": depth, "confidence": conf, "chunks": spans,
+          "sim3": sim3}
+
+
+def long_tracks(answer_for: Callable[[int, int], Answer], num_frames: int, spans, sim3,
+                query_points: np.ndarray) -> dict:
+  """3D tracks over a video longer than one clip, chained across the chunks of
+  :func:`reconstruct_long` (``spans`` and ``sim3``: its ``chunks`` and per-chunk Sim(3) from a
+  chunk's first camera into the video's frame).
+
+  ``query_points`` ``(N, 3)`` ``(t, u, v)``: ``t`` a frame of the whole video, ``u, v``
+  normalised. A query is answered by the first chunk holding its frame (every time, in that
+  chunk's first camera, then mapped by its Sim(3)). The track is then handed over to the next
+  chunk (and, for queries beyond the first chunk, to the previous one): among the frames the
+  two chunks share, the one where the track is most visible (visibility x confidence) gives
+  its 2D position there (the decoder's ``uv``), which is the new chunk's query. Each frame is
+  filled by the first chunk that reaches it moving away from the query's frame. Returns
+  ``points`` ``(T, N, 3)`` in the video's frame, ``visibility`` and ``confidence`` ``(T, N)``;
+  a track whose hand-over point is not finite stops there (NaN points, zero visibility)."""
+  qp = np.asarray(query_points, np.float64)
+  if qp.ndim != 2 or qp.shape[1] != 3:
+    raise ValueError(f"query_points must be (N, 3) (t, u, v); got {qp.shape}")
+  _check_frames(num_frames, *np.unique(qp[:, 0]).astype(int).tolist())
+  n = len(qp)
+  pts = np.full((num_frames, n, 3), np.nan)
+  vis, conf = np.zeros((num_frames, n)), np.zeros((num_frames, n))
+  filled = np.zeros((num_frames, n), bool)
+  home = np.array([next(c for c, (s, e) in enumerate(spans) if s <= t < e) for t in qp[:, 0]],
+                  np.int64)
+  cache: dict[int, Answer] = {}
+
+  def answer(c, ids, q):  # (t global, u, v) queries in chunk c: fill, return the chunk's track
+    s, e = spans[c]
+    if c not in cache:
+      cache.clear()  # one encoded chunk at a time
+      cache[c] = answer_for(s, e)
+    loc = np.concatenate([q[:, :1] - s, q[:, 1:]], 1)
+    tr = tracks(cache[c], e - s, loc, t_cam=0)
+    sc, rot, t3 = sim3[c]
+    p = sc * tr["points"].astype(np.float64) @ rot.T + t3
+    for j, i in enumerate(ids):
+      new = ~filled[s:e, i]
+      pts[s:e, i][new], vis[s:e, i][new] = p[new, j], tr["visibility"][new, j]
+      conf[s:e, i][new] = tr["confidence"][new, j]
+      filled[s:e, i] |= True
+    return tr
+
+  def hand_over(c, c2, ids, tr):  # queries (t, u, v) of the same points for chunk c2
+    s, e = spans[c]
+    lo, hi = max(s, spans[c2][0]), min(e, spans[c2][1])
+    score = (tr["visibility"] * tr["confidence"])[lo - s:hi - s]  # (shared, k)
+    best = np.argmax(score, 0)
+    uv = tr["uv"][lo - s + best, np.arange(len(ids))].astype(np.float64)
+    ok = np.isfinite(uv).all(-1)
+    q = np.concatenate([(lo + best)[:, None].astype(np.float64), np.clip(uv, 0.0, 1.0)], 1)
+    return [i for i, g in zip(ids, ok) if g], q[ok]
+
+  fwd: dict[int, tuple[list, np.ndarray]] = {}
+  back: dict[int, tuple[list, np.ndarray]] = {}
+  for c in range(len(spans)):  # forward, each query starting in its own chunk
+    ids = np.flatnonzero(home == c).tolist()
+    q = qp[ids]
+    if c in fwd:
+      ids, q = ids + fwd[c][0], np.concatenate([q, fwd[c][1]])
+    if not ids:
+      continue
+    tr = answer(c, ids, q)
+    if c + 1 < len(spans):
+      fwd[c + 1] = hand_over(c, c + 1, ids, tr)
+    mine = [j for j, i in enumerate(ids) if home[i] == c]
+    if c > 0 and mine:
+      sub = {k: v[:, mine] for k, v in tr.items()}
+      back[c - 1] = hand_over(c, c - 1, [ids[j] for j in mine], sub)
+  for c in range(len(spans) - 2, -1, -1):  # backward, for queries beyond the first chunk
+    if c not in back or not back[c][0]:
+      continue
+    ids, q = back[c]
+    tr = answer(c, ids, q)
+    if c > 0:
+      prev = back.get(c - 1, ([], np.zeros((0, 3))))
+      more_ids, more_q = hand_over(c, c - 1, ids, tr)
+      back[c - 1] = (prev[0] + more_ids, np.concatenate([prev[1], more_q]))
+  return {"points": pts, "visibility": vis, "confidence": conf}
 
 
 class ClipAnswers:

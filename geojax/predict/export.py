@@ -21,7 +21,8 @@
   normals;
 - ``tracks.npz`` (``tracks`` (S, P, 3) world points, ``visibility`` (S, P), ``queries`` (P, 3)
   ``(t, u, v)``, ``uv`` (S, P, 2) the tracks projected into each frame) and ``tracks.png``
-  (the tracks drawn over up to four frames), when the model predicts 3D tracks;
+  (the tracks drawn over up to four frames), when the model predicts 3D tracks, and
+  ``tracks.mp4`` (every frame with its tracks) when the ``video`` extra is installed;
 - ``depth_vis/<stem>.png``: colourised depth (near is bright, shared range per scene);
 - ``strip.png`` (scenes and videos of two or more views): a frame strip, up to
   :data:`STRIP_FRAMES` evenly spaced views side by side, each image above its colourised depth
@@ -62,7 +63,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from geojax.data.formats import colmap, scene_folder
+from geojax.data.formats import colmap, scene_folder, video
 from geojax.io import pointcloud, render, viewer, visualize
 from geojax.predict.core import Prediction, assumed_intrinsics
 
@@ -243,7 +244,8 @@ def _write_extras(root: str, pred: Prediction, stems: list[str], depth_range) ->
 
 
 def _write_tracks(root: str, pred: Prediction, ks: np.ndarray, ext: np.ndarray) -> None:
-  """``tracks.npz`` and ``tracks.png`` (tracks projected with the exported cameras)."""
+  """``tracks.npz``, ``tracks.png`` (tracks projected with the exported cameras) and, with the
+  ``video`` extra installed, ``tracks.mp4`` (every frame with its tracks)."""
   tracks = np.asarray(pred.tracks, np.float64)
   vis = np.asarray(pred.track_visibility, np.float32)
   cam = np.einsum("sij,spj->spi", ext[:, :3, :3], tracks) + ext[:, None, :3, 3]
@@ -257,6 +259,9 @@ def _write_tracks(root: str, pred: Prediction, ks: np.ndarray, ext: np.ndarray) 
            queries=queries, uv=uv)
   Image.fromarray(visualize.draw_tracks(pred.images, uv, vis)).save(
       os.path.join(root, "tracks.png"))
+  if len(pred.images) > 1 and video.video_available():  # the video extra is installed
+    video.write_video(os.path.join(root, "tracks.mp4"),
+                          visualize.track_frames(np.asarray(pred.images), uv, vis))
 
 
 def _confident(conf: np.ndarray, valid: np.ndarray, percentile: float) -> np.ndarray:

@@ -203,7 +203,8 @@ def evaluate_model(config, family, mconfig: dict, model: nnx.Module, out_dir: st
             for i in range(e.num_scenes))
   options = dict(depth_align=e.depth_align, pose_thresholds=tuple(e.pose_thresholds),
                  pointcloud_threshold=e.pointcloud_threshold, pointcloud_max_points=100_000,
-                 max_depth=0.0, pointmap_align=e.get("pointmap_align", "scale"))
+                 max_depth=0.0, pointmap_align=e.get("pointmap_align", "scale"),
+                 depth_scope=e.get("depth_scope", "view"))
   # The family's inference options, with the eval config's values where it sets them.
   opts = {k: e[k] if k in e else v for k, v in family.eval_options.items()}
   if "process_res" in opts:  # the eval scenes' own size

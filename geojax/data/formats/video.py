@@ -11,19 +11,33 @@ frames per second (default 30); it needs only Pillow.
 ``fps`` subsamples to (at most) the requested rate: a frame is kept when its timestamp reaches
 the next slot ``t_0 + k / fps``; asking for a rate at or above the source's keeps every frame.
 ``max_frames`` stops after that many *kept* frames (decoding stops early too).
+
+:func:`write_video` writes uint8 frames as an H.264 mp4 (atomically), e.g. ``tracks.mp4`` of
+``geojax predict``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
 from geojax.data.formats.scene_folder import IMAGE_EXTS, MissingFileError, load_rgb
 
-_INSTALL_HINT = ("reading video files needs imageio with its ffmpeg plugin: "
+_INSTALL_HINT = ("reading or writing video files needs imageio with its ffmpeg plugin: "
                  "pip install imageio imageio-ffmpeg  (or pip install 'geojax[video]')")
+
+
+@contextlib.contextmanager
+def _ffmpeg_quiet():
+  """Silence the ``os.fork()`` RuntimeWarning JAX raises when imageio starts its ffmpeg
+  subprocess: the child execs ffmpeg at once and runs no JAX code."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+    yield
 
 
 def _imageio():
@@ -110,14 +124,16 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
   elif os.path.isfile(path):
     iio = _imageio()
     try:
-      meta = iio.immeta(path, plugin="FFMPEG")
+      with _ffmpeg_quiet():
+        meta = iio.immeta(path, plugin="FFMPEG")
       src_fps = float(meta.get("fps") or 0.0)
       if not src_fps > 0:
         raise ValueError(f"{path}: the video reports no frame rate")
 
       def stream():
-        for i, fr in enumerate(iio.imiter(path, plugin="FFMPEG")):
-          yield i / src_fps, _check_frame(fr, f"{path} frame {i}")
+        with _ffmpeg_quiet():
+          for i, fr in enumerate(iio.imiter(path, plugin="FFMPEG")):
+            yield i / src_fps, _check_frame(fr, f"{path} frame {i}")
       frames, times = _subsample(stream(), fps, max_frames)
     except ImportError:
       raise
@@ -133,3 +149,31 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
   if len(shapes) > 1:
     raise ValueError(f"{path}: frames have different sizes {sorted(shapes)}")
   return np.stack(frames), np.asarray(times, np.float64)
+
+
+def video_available() -> bool:
+  """Whether mp4 files can be written (the ``video`` extra: imageio and imageio-ffmpeg)."""
+  import importlib.util
+  return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 8.0) -> None:
+  """Write uint8 ``(S, H, W, 3)`` frames as an H.264 mp4 (the ``video`` extra), atomically: a
+  temporary file in the same folder, renamed when complete. Odd sizes are padded by one edge
+  row / column (H.264 in yuv420p needs even sides)."""
+  iio = _imageio()
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+    raise ValueError(f"frames must be uint8 (S, H, W, 3) with S >= 1; got {frames.dtype} "
+                     f"{frames.shape}")
+  h, w = frames.shape[1:3]
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  tmp = f"{path}.tmp-{os.getpid()}.mp4"
+  try:
+    with _ffmpeg_quiet():
+      iio.imwrite(tmp, frames, extension=".mp4", fps=float(fps), codec="libx264",
+                  macro_block_size=1, quality=8, ffmpeg_log_level="error")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
