@@ -82,7 +82,7 @@ def _read_other(path: str):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--with {path}: no such file")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
+    from geojax.convert.torch_layout import load_file
     return load_file(path)
   if not path.lower().endswith(PICKLE_EXTS):
     raise ValueError(f"--with {path}: expected a pickled PyTorch checkpoint "

@@ -252,7 +252,7 @@ def infer_preset(state_dict: Mapping[str, np.ndarray], config: Mapping | None = 
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+  from geojax.convert.torch_layout import load_file
   return load_file(path)
 
 

@@ -149,9 +149,27 @@ def checkpoint_tensors(checkpoint: Any, name: str) -> tuple[dict[str, Any], dict
   return tensors, config
 
 
+def _bad_safetensors(path: str, e: Exception) -> ValueError:
+  return ValueError(f"{path}: not a readable safetensors file (corrupt, truncated or another "
+                    f"format): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def load_file(path: str) -> dict[str, np.ndarray]:
+  """All tensors of one ``.safetensors`` file as NumPy arrays; a corrupt or truncated file is a
+  ``ValueError`` naming it."""
+  from safetensors.numpy import load_file as _load
+  try:
+    return _load(path)
+  except OSError as e:
+    if not os.path.isfile(path):
+      raise
+    raise _bad_safetensors(path, e) from None
+  except Exception as e:  # safetensors' SafetensorError (header JSON, sizes), numpy's ValueError
+    raise _bad_safetensors(path, e) from None
+
+
 def read_safetensors(path: str, family: str) -> tuple[dict[str, np.ndarray], dict | None]:
   """A ``.safetensors`` file, or a directory of them with an optional ``config.json``."""
-  from safetensors.numpy import load_file
   if os.path.isdir(path):
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -161,7 +179,13 @@ def read_safetensors(path: str, family: str) -> tuple[dict[str, np.ndarray], dic
     for f in files:
       sd.update(load_file(os.path.join(path, f)))
     cfg_path = os.path.join(path, "config.json")
-    config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
+    config = None
+    if os.path.exists(cfg_path):
+      try:
+        with open(cfg_path, encoding="utf-8") as fh:
+          config = json.load(fh)
+      except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: cannot parse JSON: {e}") from None
     return sd, config
   if os.path.isfile(path):
     if not path.endswith(".safetensors"):
@@ -179,6 +203,9 @@ def safetensors_keys(path: str) -> list[set[str]]:
            if os.path.isdir(path) else [path] if path.endswith(".safetensors") else [])
   out = []
   for f in files:
-    with safe_open(f, "np") as h:
-      out.append(set(h.keys()))
+    try:
+      with safe_open(f, "np") as h:
+        out.append(set(h.keys()))
+    except Exception as e:  # SafetensorError: a broken header
+      raise _bad_safetensors(f, e) from None
   return out

@@ -71,6 +71,8 @@ def load_model(weights: str, *, preset: str | None = None,
                      f"model.safetensors and config.json, a .safetensors file, or a geojax "
                      f"checkpoint with model/ and state/); convert official .pth/.pt/.bin files "
                      f"once with `geojax convert`")
+  from geojax.convert.torch_layout import safetensors_keys
+  safetensors_keys(path)  # a corrupt or truncated file: one error naming it, before identification
   candidates = [family] if family is not None else [
       f for f in registry.families().values() if f.load_official is not None]
   for fam in candidates:
