@@ -13,6 +13,7 @@ synthetic scenes by default), prints a table of every applicable metric and writ
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from absl import app, logging
@@ -42,7 +43,14 @@ def load_model(cfg):
                        "use model.checkpoint")
     if not os.path.exists(cfg.model.weights):
       raise FileNotFoundError(f"model.weights {cfg.model.weights} does not exist")
-    model = family.load_official(cfg.model.weights, model_config)
+    from geojax.convert.torch_layout import safetensors_keys
+    if cfg.model.weights.endswith(".safetensors") or os.path.isdir(cfg.model.weights):
+      safetensors_keys(cfg.model.weights)  # corrupt or truncated: one line naming the file
+    try:
+      model = family.load_official(cfg.model.weights, model_config)
+    except ValueError as e:
+      w = cfg.model.weights
+      raise ValueError(f"model.weights {w}: {e}" if w not in str(e) else str(e)) from None
     source = f"official weights {os.path.abspath(cfg.model.weights)}"
   else:
     model = family.build(model_config, nnx.Rngs(cfg.model.seed))
@@ -85,13 +93,20 @@ def scene_list(data) -> tuple[list, int]:
     if not dirs:
       raise ValueError(f"data.path {root}: no scene folder (with cameras.json) found")
     dirs = dirs[:data.num_scenes] if data.num_scenes > 0 else dirs
-    return ((os.path.basename(os.path.normpath(d)), read_scene(d)) for d in dirs), len(dirs)
+    exif = bool(data.get("exif", True))
+    scenes = ((os.path.basename(os.path.normpath(d)), read_scene(d, exif=exif)) for d in dirs)
+    return scenes, len(dirs)
   if data.source == "colmap":
     from geojax.data.formats.colmap import read_colmap_scene
     if not data.path or not os.path.isdir(data.path):
       raise FileNotFoundError(f"data.path {data.path!r} is not a COLMAP sparse model folder")
-    images = data.images or os.path.join(os.path.dirname(os.path.normpath(data.path)), "images")
-    scene = read_colmap_scene(data.path, images)
+    images = data.images
+    if not images:  # project/images beside project/sparse (or project/sparse/0)
+      up = os.path.dirname(os.path.normpath(data.path))
+      images = next((c for c in (os.path.join(up, "images"),
+                                 os.path.join(os.path.dirname(up), "images"))
+                     if os.path.isdir(c)), os.path.join(up, "images"))
+    scene = read_colmap_scene(data.path, images, exif=bool(data.get("exif", True)))
     return iter([(os.path.basename(os.path.normpath(data.path)), scene)]), 1
   if data.source == "tapvid3d":
     from geojax.data.formats.tapvid3d import read_tapvid3d
@@ -141,7 +156,32 @@ def evaluate(cfg) -> dict:
   if not cfg.model.checkpoint:  # checkpoints carry their own config; checked after loading
     evaluator.parse_groups(cfg.metrics, family.predicts({"preset": cfg.model.preset}),
                            has_depth=has_depth)
+  for name, value, ok, want in (
+      ("pointcloud_threshold", cfg.pointcloud_threshold, lambda v: v > 0, "> 0"),
+      ("pointcloud_max_points", cfg.pointcloud_max_points, lambda v: v >= 1, ">= 1"),
+      ("data.max_depth", cfg.data.max_depth, lambda v: v >= 0, ">= 0 (0: no limit)"),
+      ("pose_thresholds", cfg.pose_thresholds,
+       lambda v: len(v) > 0 and all(0 < t <= 180 for t in v), "degrees in (0, 180]")):
+    try:
+      good = ok(value)
+    except TypeError:
+      good = False
+    if not good:
+      raise ValueError(f"{name} must be {want}; got {value!r}")
+  created = not os.path.exists(os.path.abspath(cfg.out_dir))
   out_dir = evaluator.prepare_out_dir(cfg.out_dir, cfg.overwrite)
+  try:
+    return _evaluate(cfg, scenes, n_scenes, has_depth, options, family, out_dir)
+  except BaseException:
+    if created:  # nothing half-written is left behind
+      shutil.rmtree(out_dir, ignore_errors=True)
+    raise
+
+
+def _evaluate(cfg, scenes, n_scenes, has_depth, options, family, out_dir) -> dict:
+  from tqdm import tqdm
+
+  from geojax.eval import evaluator
   model, family, model_config, source = load_model(cfg)
   groups, notes = evaluator.parse_groups(cfg.metrics, family.predicts(model_config),
                                          has_depth=has_depth)
@@ -177,12 +217,15 @@ def main(argv):
   from geojax.runtime import enable_compilation_cache, tune_host_allocator
   tune_host_allocator()
   enable_compilation_cache()
+  from geojax.train.config_util import load_config_flag
+  config = load_config_flag(_CONFIG, "evaluate.py")
   try:
-    evaluate(_CONFIG.value)
+    evaluate(config)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"evaluate.py: error: {e}", file=sys.stderr)
+    print(f"evaluate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from geojax.train.config_util import flags_parser
+  app.run(main, flags_parser=flags_parser("evaluate.py"))

@@ -5,7 +5,9 @@ r"""Train a geojax model.
         --config.data.path=/data/scenes --workdir=gs://bucket/runs/da3-large
 
 Rerunning the same command resumes from the newest complete checkpoint in ``workdir``. SIGTERM
-(preemption) saves a checkpoint and exits with status 0. Multi-process: set
+(preemption) saves a checkpoint and exits with status 0. Bad input or config: status 2 and one
+line; a fault that stops the run (a checkpoint write fails, a data worker dies): status 1 and one
+line, the previous checkpoint intact. A second run on a workdir that a live run holds is refused. Multi-process: set
 ``--config.distributed.coordinator_address=HOST:PORT``, ``num_processes`` and ``process_id`` (or
 ``--config.distributed.auto=True`` where JAX detects the cluster). See ``configs/da3.py`` for
 every field and ``geojax/train/trainer.py`` for what a workdir holds.
@@ -33,24 +35,16 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of stdout
     logging.set_verbosity(logging.WARNING)
-  from geojax.runtime import enable_compilation_cache, tune_host_allocator
-  from geojax.train import trainer
-  tune_host_allocator()
-  try:
-    trainer.maybe_initialize_distributed(_CONFIG.value)
-    enable_compilation_cache()
-    summary = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
-    print(f"train.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if summary.get("preempted"):
-    print(f"stopped by SIGTERM at step {summary['steps']}; rerun the same command to resume")
-  else:
-    keys = ("abs_rel", "auc30")
-    fmt = lambda m: ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m) or "-"
-    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; "
-          f"eval before: {fmt(summary['before'])}; after: {fmt(summary['after'])}")
+  from geojax.train.config_util import load_config_flag
+  from geojax.train.trainer import run
+  code = run(load_config_flag(_CONFIG, "train.py"), _WORKDIR.value)
+  if code == 1:  # a fault: skip interpreter teardown, where stuck writer threads or dead data
+    sys.stdout.flush()  # workers would add noise or hang; the kernel frees the workdir lock
+    sys.stderr.flush()
+    os._exit(1)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from geojax.train.config_util import flags_parser
+  app.run(main, flags_parser=flags_parser("train.py"))

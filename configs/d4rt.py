@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   frames, size = 48, 256
   c.data = ml_collections.ConfigDict(dict(
-      source=arg.data, path="", seed=0, num_scenes=10_000, num_views=64, height=size,
+      source=arg.data, path="", exif=True, seed=0, num_scenes=10_000, num_views=64, height=size,
       width=size, dynamic=True))
   c.data.pipeline = ml_collections.ConfigDict(dict(
       family="d4rt", buckets=((size, size),), min_views=frames, max_views=frames,

@@ -24,6 +24,8 @@ Every field can be overridden on the command line (``--config.optim.lr=1e-4``). 
   init.weights: official DA3 checkpoint (directory or .safetensors) to fine-tune from.
   init.checkpoint: geojax model checkpoint (``workdir/model`` of an earlier run) to start from.
   data.source, data.path: see ``data`` above.
+  data.exif: turn scene-folder images (with their cameras and maps) upright by their EXIF
+    orientation (``geojax.data.formats.orientation``); False reads the stored pixels.
   data.seed, data.num_scenes, data.num_views, data.height, data.width: the synthetic scene
     family (seed, scene count, views rendered per scene, render size).
   data.pipeline: ``geojax.data.pipeline.PipelineConfig`` fields (buckets, min/max views,
@@ -82,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(weights="", checkpoint=""))
 
   c.data = ml_collections.ConfigDict(dict(
-      source=arg.data, path="", seed=0, num_scenes=10_000, num_views=18, height=504, width=504))
+      source=arg.data, path="", exif=True, seed=0, num_scenes=10_000, num_views=18, height=504, width=504))
   c.data.pipeline = ml_collections.ConfigDict(dict(
       buckets=((504, 504), (378, 504), (336, 504), (280, 504), (504, 336), (504, 896)),
       min_views=2, max_views=18, view_order="ordered", augment=True, random_crop=True,

@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              max_size=672, seed=0))
 
   c.data = ml_collections.ConfigDict(dict(
-      source=arg.data, path="", seed=0, num_scenes=10_000, num_views=6, height=518, width=518))
+      source=arg.data, path="", exif=True, seed=0, num_scenes=10_000, num_views=6, height=518, width=518))
   c.data.pipeline = ml_collections.ConfigDict(dict(
       buckets=((518, 518), (392, 518), (336, 518), (518, 392), (294, 518)),
       min_views=2, max_views=6, view_order="ordered", augment=True, random_crop=True,

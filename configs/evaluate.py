@@ -17,7 +17,8 @@ Fields:
   data.source: ``synthetic`` (built-in scenes, ``geojax.data.synthetic``), ``scene_folder``
     (``data.path`` is one scene folder or a folder of them, ``geojax.data.formats``) or
     ``colmap`` (``data.path`` is a sparse model folder, ``data.images`` its images folder,
-    default ``<path>/../images``; cameras only, so only pose metrics apply) or ``tapvid3d``
+    default ``<path>/../images``, or ``<path>/../../images`` for ``sparse/0``; cameras only,
+    so only pose metrics apply) or ``tapvid3d``
     (``data.path`` is a TAPVid-3D ``.npz`` or a folder of them, ``geojax.data.formats.tapvid3d``;
     3D tracks only, scored with the ``track`` group exactly as the official TAPVid-3D code:
     median scale, depth-adaptive thresholds at evaluation resolution 256).
@@ -26,6 +27,9 @@ Fields:
     folders read; 0 = all). ``data.dynamic``: moving objects and ground-truth 3D tracks
     (needed by the ``track`` group).
   data.max_depth: ground-truth depth above this is ignored (0 = no limit).
+  data.exif: turn scene-folder and COLMAP images (and their cameras, depth, masks, normals)
+    upright by their EXIF orientation (``geojax.data.formats.orientation``); False reads the
+    stored pixels, as the official code does (for parity runs).
   metrics: comma-separated metric groups (``depth``, ``pose``, ``pointcloud``, ``pointmap``,
     ``normal``, ``track``, ``edge``, ``seam``) or ``all``; groups that do not apply to the
     model's outputs are skipped (with a note for the geometry groups), ``normal`` / ``track``
@@ -62,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       **family.eval_options))
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", images="", seed=0, num_scenes=4, num_views=4, height=280,
-      width=504, max_depth=0.0, dynamic=False))
+      width=504, max_depth=0.0, dynamic=False, exif=True))
   c.metrics = "all"
   c.depth_align = family.depth_align or "median"
   c.depth_scope = "view"

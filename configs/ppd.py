@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # training size: the official 1024 x 768 area for images; PPVD's fixed 512 x 512 windows
   h, w = (512, 512) if video else (768, 1024)
   c.data = ml_collections.ConfigDict(dict(
-      source=arg.data, path="", seed=0, num_scenes=10_000, num_views=16 if video else 1,
+      source=arg.data, path="", exif=True, seed=0, num_scenes=10_000, num_views=16 if video else 1,
       height=h, width=w))
   c.data.pipeline = ml_collections.ConfigDict(dict(
       family="da3", buckets=((h, w),), min_views=16 if video else 1,

@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   size = 4 * 518  # 4 x 4 patches of 518: crops at their native size
   c.data = ml_collections.ConfigDict(dict(
-      source=arg.data, path="", seed=0, num_scenes=10_000, num_views=1, height=size,
+      source=arg.data, path="", exif=True, seed=0, num_scenes=10_000, num_views=1, height=size,
       width=size))
   c.data.pipeline = ml_collections.ConfigDict(dict(
       family="urgt", buckets=((size, size),), min_views=1, max_views=1, view_order="first",

@@ -126,8 +126,10 @@ def convert(src: str, dst: str, family: str, *, preset: str | None = None,
       sd, config = sd
   else:
     sd = state_dict_of(obj, src)
+  created = not os.path.exists(dst)
   os.makedirs(dst, exist_ok=True)
   stage = tempfile.mkdtemp(prefix=".convert-", dir=dst)
+  done = False
   try:
     save_file(sd, os.path.join(stage, "model.safetensors"))
     if preset or config:
@@ -138,14 +140,22 @@ def convert(src: str, dst: str, family: str, *, preset: str | None = None,
       fam.load_official(stage, {"preset": preset or ""})  # fails here if it does not fit
     for name in sorted(os.listdir(stage)):
       os.replace(os.path.join(stage, name), os.path.join(dst, name))
+    done = True
   finally:
     shutil.rmtree(stage, ignore_errors=True)
+    if created and not done:  # a failed conversion leaves no folder behind
+      shutil.rmtree(dst, ignore_errors=True)
   return dst
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line and exit status 2, like every other bad input
+    raise ValueError(f"{message} (see {PROG} --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1])
+  p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1])
   p.add_argument("src", help="official pickled checkpoint (.pth/.pt/.bin/.ckpt)")
   p.add_argument("dst", help="output directory (model.safetensors, config.json)")
   p.add_argument("--family", required=True, help="model family of the checkpoint")

@@ -21,6 +21,9 @@ Batches are dicts of NumPy arrays with a leading batch axis ``B`` (per host): ``
 (B, S, H, W, 3), ``intrinsics`` (B, S, 3, 3) px (pixel-centre convention, updated exactly),
 ``extrinsics`` (B, S, 4, 4) w2c, ``scene_index`` (B,) int64 (index into the source),
 ``view_index`` (B, S) int32, plus the family extras (see :class:`PipelineConfig.family`).
+Training batches also carry ``data_masked_pixels`` and ``data_skipped_scenes`` (B,) int64: the
+non-finite pixels masked in each sample and the unusable scenes (non-finite cameras) skipped to
+reach it (:class:`FiniteSource`).
 :func:`to_global_batch` places one onto a mesh with ``jax.make_array_from_process_local_data``.
 """
 
@@ -239,6 +242,87 @@ class SyntheticSource:
             f"{self.num_views}, {self.height}x{self.width}, dynamic={self.dynamic})")
 
 
+class FiniteSource:
+  """Wraps a training source so no non-finite value reaches a batch (see
+  :func:`geojax.data.transforms.mask_non_finite`).
+
+  Non-finite pixels are masked; a scene whose cameras (or other per-view values) are not finite
+  is skipped: the next good scene (wrapping around) takes its place, so the source keeps its
+  length and stays deterministic, and an absl warning names it once per process. Every element
+  carries the counts, ``data_masked_pixels`` and ``data_skipped_scenes`` (int64 scalars), which
+  travel with the batch (also out of worker processes): the trainer sums and reports them.
+  """
+
+  def __init__(self, source):
+    self.source = source
+    self._bad: dict[int, str] = {}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    n = len(self.source)
+    index = int(index) % n
+    for j in range(n):
+      i = (index + j) % n
+      if i in self._bad:
+        continue
+      scene, masked, problem = T.mask_non_finite(dict(self.source[i]))
+      if problem is None:
+        scene["data_masked_pixels"] = np.int64(masked)
+        scene["data_skipped_scenes"] = np.int64(j)
+        return scene
+      self._bad[i] = problem
+      from absl import logging
+      name = scene.get("scene", i)
+      logging.warning("training data: skipping scene %s: %s", name, problem)
+    raise ValueError(f"no usable training scene: all {n} have non-finite cameras or poses "
+                     f"(e.g. scene {next(iter(self._bad))}: {next(iter(self._bad.values()))})")
+
+
+COUNT_KEYS = ("data_masked_pixels", "data_skipped_scenes")
+
+
+class DataWorkerError(RuntimeError):
+  """A data worker process died (killed, crashed); raised instead of a hang or a bare trace."""
+
+
+def next_batch(iterator, where: str = "training data") -> dict:
+  """``next(iterator)``, with a dead worker process reported as one :class:`DataWorkerError`.
+
+  Grain notices a worker that exits without a result (the out-of-memory killer, a segfault in
+  a decoder, ``kill -9``) within seconds; this names it as a data worker, says how it died and
+  what usually helps, and closes the iterator so its other workers stop.
+  """
+  try:
+    return next(iterator)
+  except RuntimeError as e:
+    msg = str(e)
+    if "Worker process" not in msg and "worker process" not in msg:
+      raise
+    import re
+    import signal
+    m = re.search(r"exit code (-?\d+)", msg)
+    code = int(m.group(1)) if m else None
+    if code is not None and code < 0:
+      try:
+        how = f"was killed by {signal.Signals(-code).name}"
+      except ValueError:
+        how = f"was killed by signal {-code}"
+    elif code is not None:
+      how = f"exited with status {code}"
+    else:
+      how = "died"
+    hint = ("; SIGKILL is usually the out-of-memory killer: lower data.pipeline.num_workers or "
+            "worker_buffer_size, or give the job more memory" if code == -9 else "")
+    try:
+      iterator.close()
+    except Exception:  # noqa: BLE001 - the worker is gone; closing is best effort
+      pass
+    raise DataWorkerError(f"{where}: a data worker process (Grain mp_prefetch) {how}{hint}"
+                          ) from None
+
+
 class IndexedSource:
   """Wraps a source so each element carries ``scene_index`` (its index in the wrapped source)."""
 
@@ -281,6 +365,8 @@ class SceneTransform:
 
   def __call__(self, index: int, scene: dict) -> dict:
     cfg = self.config
+    counts = {k: np.int64(scene[k]) for k in COUNT_KEYS if k in scene}
+    scene = {k: v for k, v in scene.items() if k not in COUNT_KEYS}
     plan = batch_plan(cfg, self.seed, index // self.per_host_batch)
     rng = np.random.default_rng([self.seed, self.process_index, int(index), 0xDA7A])
     n_avail = scene["images"].shape[0]
@@ -318,6 +404,7 @@ class SceneTransform:
       out.update(depth_encoded=enc, depth_q_lo=q_lo, depth_q_hi=q_hi)
     out["view_index"] = views.astype(np.int32)
     out["scene_index"] = np.int64(scene.get("scene_index", -1))
+    out.update(counts)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -348,7 +435,8 @@ def make_dataset(source, config: PipelineConfig, *, seed: int, split: str = "tra
                      f"process_count {n}")
   per_host = config.batch_size // n
   train = split == "train"
-  ds = grain.MapDataset.source(IndexedSource(source))
+  ds = grain.MapDataset.source(FiniteSource(IndexedSource(source)) if train else
+                               IndexedSource(source))
   ds = ds[p::n]
   if len(ds) == 0:
     raise ValueError(f"source has {len(source)} scenes, too few for {n} processes")

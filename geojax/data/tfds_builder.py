@@ -119,9 +119,50 @@ def build_dataset(data_dir: str, *, scenes: Callable[[], Iterable[tuple[str, dic
   return os.fspath(builder.data_dir)
 
 
-def load_data_source(dataset_dir: str, split: str = "train"):
-  """Random-access source (``len``, ``[i]`` -> dict of NumPy arrays) of a built dataset."""
+class CheckedSource:
+  """A TFDS data source whose unreadable records raise one ``ValueError`` naming the dataset
+  folder, the record and the cause (ArrayRecord and decoding failures otherwise surface as
+  assorted ``RuntimeError`` / ``TypeError`` from deep inside the readers)."""
+
+  def __init__(self, source, dataset_dir: str, split: str):
+    self.source, self.dataset_dir, self.split = source, dataset_dir, split
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    try:
+      return self.source[index]
+    except (IndexError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a damaged record
+      msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      raise ValueError(f"{self.dataset_dir}: {self.split} record {index} cannot be read "
+                       f"(corrupt or truncated ArrayRecord file?): {msg}") from None
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self.dataset_dir!r}, split={self.split!r}, records={len(self)})"
+
+
+def load_data_source(dataset_dir: str, split: str = "train", *, probe: bool = True):
+  """Random-access source (``len``, ``[i]`` -> dict of NumPy arrays) of a built dataset.
+
+  Every read failure is a ``ValueError`` naming the folder and record (:class:`CheckedSource`);
+  ``probe`` reads the first and last records at once, so a damaged file is reported before a
+  run builds its model.
+  """
   import tensorflow_datasets as tfds
   if not os.path.isdir(dataset_dir):
     raise FileNotFoundError(f"TFDS dataset folder {dataset_dir} does not exist")
-  return tfds.builder_from_directory(dataset_dir).as_data_source(split=split)
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+    raw = builder.as_data_source(split=split)
+  except Exception as e:  # noqa: BLE001 - broken dataset_info.json / features.json, no split
+    msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    raise ValueError(f"{dataset_dir}: not a readable TFDS dataset (split {split!r}): {msg}"
+                     ) from None
+  src = CheckedSource(raw, dataset_dir, split)
+  if probe and len(src):
+    src[0]
+    src[len(src) - 1]
+  return src

@@ -36,6 +36,44 @@ def _pixel_keys(scene: dict) -> list[str]:
           and isinstance(v, np.ndarray) and v.ndim >= 3 and v.shape[:3] == (s, h, w)]
 
 
+def mask_non_finite(scene: dict) -> tuple[dict, int, str | None]:
+  """Guard a training scene against non-finite values: ``(scene, masked_pixels, problem)``.
+
+  A pixel where any float per-pixel map (``depth``, ``normals``, ``ray_map``, ...) is NaN or
+  infinite becomes invalid: ``valid`` False, those maps 0 there (``masked_pixels`` counts them).
+  Non-finite per-view or scene values (cameras, tracks, object poses, times) and non-positive
+  focal lengths cannot be masked: ``problem`` then names the array and the views, and the scene
+  should be skipped. Returns the scene unchanged (not copied) when everything is finite.
+  """
+  s, h, w = scene["images"].shape[:3]
+  bad_px = np.zeros((s, h, w), bool)
+  for k, v in scene.items():
+    if k == "images" or not isinstance(v, np.ndarray) or v.dtype.kind != "f":
+      continue
+    fin = np.isfinite(v)
+    if v.ndim >= 3 and v.shape[:3] == (s, h, w):
+      if not fin.all():
+        bad_px |= ~fin.reshape(s, h, w, -1).all(-1)
+    elif not fin.all():
+      views = np.nonzero(~fin.reshape(len(v), -1).all(-1))[0].tolist() if v.ndim else []
+      return scene, 0, f"non-finite {k} (views {views})"
+  k = scene.get("intrinsics")
+  if isinstance(k, np.ndarray) and k.ndim == 3 and np.any((k[:, 0, 0] <= 0) | (k[:, 1, 1] <= 0)):
+    views = np.nonzero((k[:, 0, 0] <= 0) | (k[:, 1, 1] <= 0))[0].tolist()
+    return scene, 0, f"non-positive focal length in intrinsics (views {views})"
+  n = int(bad_px.sum())
+  if n == 0:
+    return scene, 0, None
+  out = dict(scene)
+  for key, v in scene.items():
+    if key != "images" and isinstance(v, np.ndarray) and v.dtype.kind == "f" and \
+        v.ndim >= 3 and v.shape[:3] == (s, h, w):
+      m = bad_px.reshape((s, h, w) + (1,) * (v.ndim - 3))
+      out[key] = np.where(m, 0, v).astype(v.dtype)
+  out["valid"] = np.asarray(scene.get("valid", np.ones((s, h, w), bool)), bool) & ~bad_px
+  return out, n, None
+
+
 def ray_map(intrinsics: np.ndarray, extrinsics: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   """``(S, H, W, 6)`` float32: world ray direction ``R_c2w K^-1 [u, v, 1]`` (pixel offset 0), then
   the camera centre, as :func:`geojax.data.synthetic.render_scene`'s ``ray_map``."""

@@ -176,6 +176,10 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
     raise ValueError(f"--query-chunk must be >= 1 query; got {query_chunk}")
   if not 0 < float(keep) <= 1:
     raise ValueError(f"--keep must be in (0, 1]; got {keep}")
+  if int(overlap) < 0:
+    raise ValueError(f"--overlap must be >= 0 frames (0: the default overlap); got {overlap}")
+  if int(track_grid) < 0:
+    raise ValueError(f"--track-grid must be >= 0 (0: no tracks); got {track_grid}")
   names = list(names) if names is not None else [f"frame {i}" for i in range(len(images))]
   cfg = model.cfg
   video, frames, aspect, n = clip_inputs(model, images)

@@ -87,9 +87,10 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
   if extrinsics is not None:
     raise ValueError("DAGE takes no known cameras (it predicts them); drop the poses")
   names = list(names) if names is not None else [f"view {i}" for i in range(len(images))]
-  for flag, v in (("--lr-max-size", lr_max_size), ("--hr-num-tokens", hr_num_tokens)):
-    if int(v) < 14 and flag == "--lr-max-size" or int(v) < 1:
-      raise ValueError(f"{flag} must be positive (>= 14 for --lr-max-size); got {v}")
+  if int(lr_max_size) < 14:
+    raise ValueError(f"--lr-max-size must be >= 14 (one patch); got {lr_max_size}")
+  if int(hr_num_tokens) < 1:
+    raise ValueError(f"--hr-num-tokens must be >= 1; got {hr_num_tokens}")
   if int(chunk) < 0:
     raise ValueError(f"--chunk must be >= 0 (0 = all frames at once); got {chunk}")
   pixels = _same_size(images, names)

@@ -109,7 +109,7 @@ def _align_model(path: str):
   """The reference model of ``--align-to`` and its predictor (outputs at the input size)."""
   from geojax.models import registry
   from geojax.predict import weights
-  model, _ = weights.load_model(path)
+  model, _ = weights.load_model(path, option="--align-to")
   fam = registry.family_of(model)
   if fam.name == "ppd":
     raise ValueError(f"--align-to {path}: a PPD model has no scale to align to; pass a model "
@@ -144,6 +144,8 @@ def predict(model: nnx.Module, images: list[np.ndarray], *, extrinsics: np.ndarr
   """PPD on each image, or PPVD on the frames as one video (module docstring). ``area``: pixels
   of the image model's inference size."""
   _check_options(steps, ensemble)
+  if align_to is not None and not os.path.exists(align_to):  # before any compilation
+    raise ValueError(f"--align-to {align_to}: no such file or directory")
   if int(area) < ppd.GRID * ppd.GRID:
     raise ValueError(f"--area must be at least {ppd.GRID * ppd.GRID} pixels; got {area}")
   names = list(names) if names is not None else [f"view {i}" for i in range(len(images))]

@@ -195,7 +195,7 @@ def load_prior_model(path: str) -> tuple[nnx.Module, Any]:
   from geojax.predict import weights
   if not path:
     raise ValueError("--prior-weights is empty")
-  model, _ = weights.load_model(path)
+  model, _ = weights.load_model(path, option="--prior-weights")
   fam = registry.family_of(model)
   if fam.name == "urgt":
     raise ValueError(f"--prior-weights {path}: a URGT model gives no coarse depth; pass a depth "

@@ -44,8 +44,23 @@ def read_model_info(path: str) -> dict[str, Any]:
       os.path.join(path, "state")):
     raise ValueError(f"{path} is not a geojax model checkpoint (expected 'model' and 'state' "
                      "items written by geojax.io.checkpoint.save_model)")
-  out = _checkpointer().restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-  return dict(out["model"])
+  try:
+    out = _checkpointer().restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types for a damaged file
+    raise ValueError(f"{path}: cannot read the model description ({_first_line(e)}); the "
+                     "checkpoint is incomplete or damaged") from None
+  info = out["model"]
+  if not isinstance(info, dict) or not isinstance(info.get("family"), str) or not isinstance(
+      info.get("config"), dict):
+    raise ValueError(f"{path}: the model item is not a geojax model description (expected "
+                     "'family' and 'config')")
+  return dict(info)
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  text = " ".join(str(e).split("[tensorstore_spec")[0].split())
+  text = f"{type(e).__name__}: {text}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _concrete_target(leaf):
@@ -68,6 +83,10 @@ def restore_state(path: str, model: nnx.Module) -> nnx.Module:
   path = os.path.abspath(path)
   graphdef, abstract = nnx.split(model)
   abstract = jax.tree.map(_concrete_target, abstract)
-  out = _checkpointer().restore(path, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
+  try:
+    out = _checkpointer().restore(path, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"{path}: cannot restore the model parameters ({_first_line(e)}); the "
+                     "checkpoint is incomplete, damaged or of another model version") from None
   return nnx.merge(graphdef, out["state"])

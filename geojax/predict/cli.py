@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: every frame)")
   i.add_argument("--max-views", type=int, default=None,
                  help="use at most this many views per scene")
+  i.add_argument("--ignore-exif", action="store_true",
+                 help="read the stored pixels without applying the EXIF orientation tag (the "
+                 "official DA3 behaviour; by default photos are turned upright)")
   i.add_argument("--no-poses", action="store_true",
                  help="ignore known cameras of scene and COLMAP folders")
   i.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,6 +102,10 @@ def _check_args(a) -> None:
     raise ValueError("pass either --weights or --hub, not both")
   if a.max_points is not None and a.max_points < 1:
     raise ValueError(f"--max-points must be >= 1; got {a.max_points}")
+  if a.fps is not None and not a.fps > 0:
+    raise ValueError(f"--fps must be positive; got {a.fps}")
+  if a.max_views is not None and a.max_views < 1:
+    raise ValueError(f"--max-views must be >= 1; got {a.max_views}")
   if a.head_chunk is not None and a.head_chunk < 0:
     raise ValueError(f"--head-chunk must be >= 0; got {a.head_chunk}")
   if not 0 <= a.conf_percentile < 100:
@@ -119,7 +126,7 @@ def predict(a) -> dict:
   from geojax.predict import core, export, inputs, weights
 
   _check_args(a)
-  scenes = inputs.resolve(a.inputs, fps=a.fps, max_views=a.max_views)
+  scenes = inputs.resolve(a.inputs, fps=a.fps, max_views=a.max_views, exif=not a.ignore_exif)
   runtime.tune_host_allocator()
   runtime.enable_compilation_cache()
   overrides = {k: v for k, v in (("dtype", a.dtype), ("attn_impl", a.attn),
@@ -145,9 +152,15 @@ def predict(a) -> dict:
   for sc in bar:
     bar.set_postfix_str(f"{sc.name}: {len(sc.images)} views")
     posed = sc.extrinsics is not None and not a.no_poses
-    pred = core.run(model, sc.images, extrinsics=sc.extrinsics if posed else None,
-                    intrinsics=sc.intrinsics if posed else None, names=sc.names, mesh=mesh,
-                    **options)
+    try:
+      pred = core.run(model, sc.images, extrinsics=sc.extrinsics if posed else None,
+                      intrinsics=sc.intrinsics if posed else None, names=sc.names, mesh=mesh,
+                      **options)
+    except ValueError as e:  # name the input the problem came from
+      msg = str(e)
+      if not msg.startswith("--") and sc.source not in msg:
+        msg = f"{sc.source}: {msg}"
+      raise ValueError(msg) from None
     summary = export.write_prediction(
         pred, os.path.join(out_dir, sc.name), overwrite=a.overwrite,
         conf_percentile=a.conf_percentile, max_points=a.max_points, glb=a.glb,

@@ -66,14 +66,15 @@ def _colmap_model_dir(folder: str) -> str | None:
   return None
 
 
-def _load_images(paths: Sequence[str]) -> list[np.ndarray]:
-  return [load_rgb(p) for p in paths]
+def _load_images(paths: Sequence[str], exif: bool) -> list[np.ndarray]:
+  return [load_rgb(p, exif=exif) for p in paths]
 
 
-def _folder_scene(path: str, max_views: int | None) -> Scene:
+def _folder_scene(path: str, max_views: int | None, exif: bool) -> Scene:
   name = os.path.basename(os.path.normpath(path)) or "scene"
   if os.path.isfile(os.path.join(path, scene_folder.CAMERAS_FILE)):
-    sc = scene_folder.read_scene(path, load_depth=False, load_normals=False, load_masks=False)
+    sc = scene_folder.read_scene(path, load_depth=False, load_normals=False, load_masks=False,
+                                 exif=exif)
     sl = slice(0, max_views)
     return Scene(name, "scene", path, list(sc["images"][sl]), list(sc["names"][sl]),
                  sc["intrinsics"][sl], sc["extrinsics"][sl])
@@ -82,7 +83,7 @@ def _folder_scene(path: str, max_views: int | None) -> Scene:
     img_dir = os.path.join(path, "images")
     if not os.path.isdir(img_dir):
       raise MissingFileError(f"{path}: COLMAP folder without an images/ sub-folder")
-    sc = colmap.read_colmap_scene(model_dir, img_dir)
+    sc = colmap.read_colmap_scene(model_dir, img_dir, exif=exif)
     sl = slice(0, max_views)
     return Scene(name, "colmap", path, list(sc["images"][sl]), list(sc["names"][sl]),
                  sc["intrinsics"][sl], sc["extrinsics"][sl])
@@ -93,18 +94,23 @@ def _folder_scene(path: str, max_views: int | None) -> Scene:
     raise ValueError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTS)} files, "
                      f"a scene folder's cameras.json or a COLMAP model)")
   files = files[:max_views]
-  return Scene(name, "folder", path, _load_images(files), [os.path.basename(f) for f in files])
+  return Scene(name, "folder", path, _load_images(files, exif),
+               [os.path.basename(f) for f in files])
 
 
-def _video_scene(path: str, fps: float | None, max_views: int | None) -> Scene:
-  frames, _ = video.read_video(path, fps=fps, max_frames=max_views)
+def _video_scene(path: str, fps: float | None, max_views: int | None, exif: bool) -> Scene:
+  frames, _ = video.read_video(path, fps=fps, max_frames=max_views, exif=exif)
   name = os.path.splitext(os.path.basename(path))[0]
   return Scene(name, "video", path, list(frames), [f"frame_{i:06d}" for i in range(len(frames))])
 
 
 def resolve(inputs: Sequence[str], *, fps: float | None = None,
-            max_views: int | None = None) -> list[Scene]:
+            max_views: int | None = None, exif: bool = True) -> list[Scene]:
   """Read every input into :class:`Scene` objects (see the module docstring).
+
+  ``exif``: images are turned upright by their EXIF orientation, with the known cameras of
+  scene and COLMAP folders (see :mod:`geojax.data.formats.orientation`); False reads the stored
+  pixels, as the official DA3 input processor does.
 
   Raises:
     ValueError (``MissingFileError`` for absent paths) naming the input and the problem: no
@@ -121,7 +127,7 @@ def resolve(inputs: Sequence[str], *, fps: float | None = None,
     if pending:
       folder = os.path.basename(os.path.dirname(os.path.abspath(pending[0]))) or "images"
       files = pending[:max_views]
-      scenes.append(Scene(folder, "images", ", ".join(files), _load_images(files),
+      scenes.append(Scene(folder, "images", ", ".join(files), _load_images(files, exif),
                           [os.path.basename(f) for f in files]))
       pending.clear()
 
@@ -132,9 +138,9 @@ def resolve(inputs: Sequence[str], *, fps: float | None = None,
       continue
     flush()
     if os.path.isdir(path):
-      scenes.append(_folder_scene(path, max_views))
+      scenes.append(_folder_scene(path, max_views, exif))
     elif os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS):
-      scenes.append(_video_scene(path, fps, max_views))
+      scenes.append(_video_scene(path, fps, max_views, exif))
     elif os.path.isfile(path):
       raise ValueError(f"{path}: not an image ({', '.join(IMAGE_EXTS)}), a video "
                        f"({', '.join(VIDEO_EXTS)}) or a folder")

@@ -187,7 +187,8 @@ def _process_one(img: np.ndarray, k: np.ndarray | None, process_res: int, method
       k = crop_intrinsics(k, top, left)
   if min(h2, w2) < PATCH:
     raise ValueError(f"an image of {w0}x{h0} pixels becomes {w2}x{h2} at process_res="
-                     f"{process_res} ({method}); both sides must reach at least {PATCH} pixels")
+                     f"{process_res} ({method}); both sides must reach at least {PATCH} pixels "
+                     "(raise --process-res or crop the image)")
   return img, k
 
 
@@ -225,7 +226,10 @@ def preprocess(images: Sequence[np.ndarray], intrinsics: np.ndarray | None = Non
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
       raise ValueError(f"{names[i]}: expected uint8 RGB (H, W, 3); got {img.dtype} {img.shape}")
     hw0.append(img.shape[:2])
-    im, k = _process_one(img, None if ks is None else ks[i], process_res, method)
+    try:
+      im, k = _process_one(img, None if ks is None else ks[i], process_res, method)
+    except ValueError as e:
+      raise ValueError(f"{names[i]}: {e}") from None
     outs.append(im)
     kout.append(k)
   sizes = [o.shape[:2] for o in outs]

@@ -30,12 +30,13 @@ def _is_geojax_checkpoint(path: str) -> bool:
 
 
 def load_model(weights: str, *, preset: str | None = None,
-               overrides: dict[str, Any] | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+               overrides: dict[str, Any] | None = None,
+               option: str = "--weights") -> tuple[nnx.Module, dict[str, Any]]:
   """``(model, info)`` for a weights path (see the module docstring); ``info`` describes it.
 
   ``preset`` names the model when the weights do not (any registered family's preset);
   ``overrides`` are runtime fields of the family's config (``dtype`` as a string such as
-  ``"bfloat16"``, ``attn_impl``, ``head_chunk``).
+  ``"bfloat16"``, ``attn_impl``, ``head_chunk``). ``option`` names the path in messages.
 
   Raises:
     FileNotFoundError for a missing path; ValueError for a path that is no checkpoint, weights
@@ -45,7 +46,7 @@ def load_model(weights: str, *, preset: str | None = None,
   path = os.path.abspath(os.fspath(weights))
   overrides = dict(overrides or {})
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--weights {weights}: no such file or directory")
+    raise FileNotFoundError(f"{option} {weights}: no such file or directory")
   family = None
   if preset is not None:
     try:
@@ -57,17 +58,22 @@ def load_model(weights: str, *, preset: str | None = None,
     path = os.path.join(path, "model")  # a training workdir
   if os.path.isdir(path) and _is_geojax_checkpoint(path):
     model, _, config = registry.load_checkpoint(
-        path, family=None if family is None else family.name, what="--weights",
+        path, family=None if family is None else family.name, what=option,
         overrides=overrides)
     if preset is not None and config.get("preset") != preset:
-      raise ValueError(f"--weights {weights} holds a {config.get('preset')!r} model but --model "
+      raise ValueError(f"{option} {weights} holds a {config.get('preset')!r} model but --model "
                        f"says {preset!r}")
     return model, {"weights": path, "format": "geojax", "preset": config.get("preset")}
   is_dir = os.path.isdir(path)
+  if is_dir and os.path.isdir(os.path.join(path, "state")) and any(
+      os.path.isdir(os.path.join(path, d)) for d in ("config", "data")):
+    raise ValueError(f"{option} {weights}: a training checkpoint step (optimizer state and data "
+                     "position), not a model checkpoint; pass the run's workdir (its model/ "
+                     "folder is written when training ends)")
   has_st = (any(f.endswith(".safetensors") for f in os.listdir(path)) if is_dir
             else path.endswith(".safetensors"))
   if not has_st:
-    raise ValueError(f"--weights {weights}: not a checkpoint (expected an official directory with "
+    raise ValueError(f"{option} {weights}: not a checkpoint (expected an official directory with "
                      f"model.safetensors and config.json, a .safetensors file, or a geojax "
                      f"checkpoint with model/ and state/); convert official .pth/.pt/.bin files "
                      f"once with `geojax convert`")
@@ -82,10 +88,13 @@ def load_model(weights: str, *, preset: str | None = None,
     preset = preset or found or None
     if isinstance(overrides.get("dtype"), str):
       overrides["dtype"] = jnp.dtype(overrides["dtype"])
-    model = fam.load_official(path, {"preset": preset or "", "overrides": overrides})
+    try:
+      model = fam.load_official(path, {"preset": preset or "", "overrides": overrides})
+    except ValueError as e:
+      raise ValueError(f"{option} {weights}: {e}" if path not in str(e) else str(e)) from None
     return model, {"weights": path, "format": "official",
                    "preset": preset or _preset_of(fam, model)}
-  raise ValueError(f"--weights {weights}: no registered model family ({', '.join(sorted(registry.families()))}) "
+  raise ValueError(f"{option} {weights}: no registered model family ({', '.join(sorted(registry.families()))}) "
                    f"recognises these weights; name the preset with --model")
 
 

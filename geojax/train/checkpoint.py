@@ -11,6 +11,13 @@ Retention: the newest ``keep_last`` steps, plus the ``keep_best`` best by ``best
 of the metrics passed to :meth:`save`; ``best_mode`` ``"min"`` or ``"max"``; a save without that
 metric counts as the worst).
 
+Write failures (a full disk, a lost bucket, a permission change): the step being written stays a
+temporary directory, never picked up and removed by the next run's manager; the failure
+surfaces, from :meth:`TrainCheckpointer.save` or :meth:`TrainCheckpointer.wait` (asynchronous
+saves fail in the background), as one :class:`CheckpointWriteError` naming the directory, the
+step, the cause and the newest complete step, which stays restorable. Orbax's own traceback
+logs of such failures are folded into that one error.
+
 Restoring onto another mesh: pass an abstract state whose leaves carry the new shardings
 (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``, e.g. from :func:`abstract_like`); Orbax
 reads each array directly into its new layout.
@@ -18,7 +25,9 @@ reads each array directly into its new layout.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -31,6 +40,26 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       state)
+
+
+class CheckpointWriteError(OSError):
+  """Writing a checkpoint failed; the previous complete checkpoint is intact."""
+
+
+class _FoldOrbaxWriteErrors(logging.Filter):
+  """Drops Orbax's ERROR tracebacks of failed background saves (re-raised as one line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and
+                f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps with a finished checkpoint directory in ``directory`` (scanned from disk)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(directory, d)))
 
 
 class TrainCheckpointer:
@@ -51,8 +80,21 @@ class TrainCheckpointer:
                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._pending: int | None = None
+    self._filter = _FoldOrbaxWriteErrors()
+    logging.getLogger("absl").addFilter(self._filter)
+
+  def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+    done = [s for s in complete_steps(self.directory) if s != step]
+    prev = (f"the previous checkpoint (step {done[-1]}) is intact; rerun to resume from it"
+            if done else "there is no earlier complete checkpoint")
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    err = CheckpointWriteError(f"{self.directory}: writing the checkpoint of step {step} failed "
+                               f"({cause}); {prev}")
+    err.errno = getattr(e, "errno", None)
+    return err
 
   def latest_step(self) -> int | None:
     """Newest complete checkpoint step, or None."""
@@ -70,9 +112,19 @@ class TrainCheckpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if config is not None:
       items["config"] = ocp.args.JsonSave(config)
-    return self._manager.save(int(step), args=ocp.args.Composite(**items),
-                              metrics={k: float(v) for k, v in (metrics or {}).items()},
-                              force=force)
+    try:  # an earlier asynchronous save that failed surfaces here too
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - any writer failure becomes one CheckpointWriteError
+      raise self._write_error(self._pending, e) from e
+    try:
+      saved = self._manager.save(int(step), args=ocp.args.Composite(**items),
+                                 metrics={k: float(v) for k, v in (metrics or {}).items()},
+                                 force=force)
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(int(step), e) from e
+    if saved:
+      self._pending = int(step)
+    return saved
 
   def restore(self, abstract_state: Any, *, step: int | None = None, data_iterator=None) -> Any:
     """The train state at ``step`` (default: latest), laid out like ``abstract_state``.
@@ -95,7 +147,19 @@ class TrainCheckpointer:
     return dict(out["config"])
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Block until the last save is on disk; raises :class:`CheckpointWriteError` if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(self._pending, e) from e
 
   def close(self) -> None:
-    self._manager.close()
+    """Finish pending saves (raising :class:`CheckpointWriteError` if one failed) and close."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - the failure was raised by wait() already
+        pass
+      logging.getLogger("absl").removeFilter(self._filter)

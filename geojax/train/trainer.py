@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from geojax.data import pipeline
+from geojax.data.pipeline import DataWorkerError
 from geojax.parallel import sharding
 from geojax.train import optim
 from geojax.train.checkpoint import TrainCheckpointer, abstract_like
@@ -105,7 +106,9 @@ def make_source(data, split: str = "train"):
     from geojax.data.formats.scene_folder import SceneFolderSource
     if not data.path:
       raise ValueError("data.path must name a folder of scene folders for data.source=folder")
-    return SceneFolderSource(data.path, on_error="skip")
+    source = SceneFolderSource(data.path, on_error="skip", exif=bool(data.get("exif", True)))
+    source[0]  # no readable scene at all: fail now, before the model is built
+    return source
   if data.source == "tfds":
     from geojax.data.tfds_builder import load_data_source
     if not data.path:
@@ -244,9 +247,35 @@ def _format(metrics: dict[str, float], keys=None) -> str:
 def train(config, workdir: str) -> dict[str, Any]:
   """Train (or resume) the run in ``workdir``; returns the summary dict (also written as JSON).
 
-  Raises ``ValueError`` for inconsistent configs and ``FloatingPointError`` after
-  ``config.max_bad_in_row`` consecutive non-finite steps.
+  The chief process holds ``workdir``'s lock (:mod:`geojax.train.workdir`) for the whole run.
+
+  Raises ``ValueError`` for inconsistent configs, :class:`~geojax.train.workdir.WorkdirBusyError`
+  when another live run holds ``workdir``, :class:`~geojax.train.checkpoint.CheckpointWriteError`
+  when a checkpoint cannot be written (the previous one stays restorable) and
+  ``FloatingPointError`` after ``config.max_bad_in_row`` consecutive non-finite steps.
   """
+  from geojax.train.workdir import LOCK_FILE, lock_workdir
+  created = not os.path.exists(os.path.abspath(workdir))
+  lock = lock_workdir(workdir) if _is_chief() else None
+  try:
+    return _train(config, workdir)
+  except (ValueError, FileNotFoundError, TypeError):  # refused: bad config or data
+    # a run refused before it saved anything leaves no workdir behind
+    from geojax.train.checkpoint import complete_steps
+    kept = set(os.listdir(workdir)) - {LOCK_FILE, "checkpoints", "tensorboard"}
+    if created and lock is not None and not kept and not complete_steps(
+        os.path.join(workdir, "checkpoints")):
+      lock.release()
+      lock = None
+      import shutil
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir: str) -> dict[str, Any]:
   from geojax.models import registry
   t_start = time.time()
   workdir = os.path.abspath(workdir)
@@ -254,6 +283,12 @@ def train(config, workdir: str) -> dict[str, Any]:
   mconfig = model_config(config, family)
   task = make_task(config)
   pcfg = pipeline_config(config)
+  c = config.checkpoint
+  if int(c.keep_last) < 1 or c.best_mode not in ("min", "max"):
+    raise ValueError(f"checkpoint.keep_last must be >= 1 and checkpoint.best_mode 'min' or "
+                     f"'max'; got {c.keep_last} and {c.best_mode!r}")
+  if config.init.weights and not os.path.exists(config.init.weights):
+    raise FileNotFoundError(f"init.weights {config.init.weights} does not exist")
   total = int(config.total_steps)
   if total < 1:
     raise ValueError(f"total_steps must be >= 1; got {total}")
@@ -266,6 +301,13 @@ def train(config, workdir: str) -> dict[str, Any]:
   # total_steps counts batches; with accumulation the schedule counts optimizer updates.
   optim_config = ml_collections.ConfigDict(config.optim.to_dict())
   optim_config.total_steps = total // accum
+  optim.learning_rate_schedule(optim_config)  # bad optimizer fields: refused before any build
+  if config.init.checkpoint:
+    from geojax.io.checkpoint import read_model_info
+    held = read_model_info(config.init.checkpoint)["family"]
+    if held != family.name:
+      raise ValueError(f"init.checkpoint {config.init.checkpoint} holds a {held!r} model, not a "
+                       f"{family.name!r} one")
   mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
   rules = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.mesh.rules)
   chief = _is_chief()
@@ -274,25 +316,27 @@ def train(config, workdir: str) -> dict[str, Any]:
   saved_config = json.loads(config.to_json())
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    source = make_source(config.data)  # data errors before the model is built
     model = build_model(config, family, mconfig)
     tx = optim.make_optimizer(optim_config, nnx.state(model, nnx.Param))
     ema_decay = float(config.optim.ema_decay)
     graphdef, state = init_state(model, tx, ema=ema_decay > 0)
     del model
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    source = make_source(config.data)
     iterator = pipeline.make_iterator(source, pcfg, seed=int(config.data.seed))
-    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
-                             keep_last=int(config.checkpoint.keep_last),
-                             best_metric=config.checkpoint.best_metric or None,
-                             best_mode=config.checkpoint.best_mode,
-                             keep_best=int(config.checkpoint.keep_best),
-                             async_save=bool(config.checkpoint.async_save))
+    c = config.checkpoint
+    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep_last=int(c.keep_last),
+                             best_metric=c.best_metric or None, best_mode=c.best_mode,
+                             keep_best=int(c.keep_best), async_save=bool(c.async_save))
     start = 0
     history: dict[str, Any] = {}
+    data_counts = {k: 0 for k in pipeline.COUNT_KEYS}
     if os.path.exists(summary_path):
       with open(summary_path) as f:
-        history = json.load(f).get("history", {})
+        previous = json.load(f)
+      history = previous.get("history", {})
+      data_counts.update({k: int(v) for k, v in previous.get("data", {}).items()
+                          if k in data_counts})
     if ckpt.latest_step() is not None:
       start = int(ckpt.latest_step())
       state = ckpt.restore(abstract_like(state), data_iterator=iterator)
@@ -358,13 +402,28 @@ def train(config, workdir: str) -> dict[str, Any]:
     preempted = False
     t_loop = time.time()
     timed_steps, t_timed = 0, None
+    bad_data_reported = False
     with _Preemption() as preempt:
       while step < total:
         try:
-          host_batch = next(iterator)
+          host_batch = pipeline.next_batch(iterator)
+        except pipeline.DataWorkerError as e:
+          done = ckpt.latest_step()
+          raise DataWorkerError(f"{e}; stopped at step {step}, " + (
+              f"the last checkpoint (step {done}) is intact: rerun to resume" if done is not None
+              else "no checkpoint yet")) from None
         except StopIteration:
           log(f"data exhausted at step {step} (data.pipeline.num_epochs); stopping")
           break
+        new_bad = 0
+        for k in pipeline.COUNT_KEYS:  # non-finite data the pipeline masked or skipped
+          n = int(np.sum(host_batch.pop(k, 0)))
+          data_counts[k] += n
+          new_bad += n
+        if new_bad and chief and not bad_data_reported:
+          bad_data_reported = True
+          log(f"step {step + 1}: non-finite training data: pixels are masked, scenes with "
+              "non-finite cameras skipped; counts in the step lines and summary.json 'data'")
         batch = _device_batch(host_batch, mesh)
         if step_inputs:
           batch = dict(batch, **step_inputs)
@@ -380,10 +439,14 @@ def train(config, workdir: str) -> dict[str, Any]:
           last = {k: float(v) for k, v in jax.device_get(metrics).items()}
           check_health(last, int(config.max_bad_in_row))
           last["lr"] = float(sched((step - 1) // accum))  # the rate of the last update
+          if any(data_counts.values()):
+            last.update(masked_px=data_counts["data_masked_pixels"],
+                        skipped_scenes=data_counts["data_skipped_scenes"])
           if chief:
             log(f"step {step}/{total} " + _format(last, ("loss", "depth", "ray", "point",
                                                            "camera", "grad", "grad_norm",
-                                                           "lr", "skipped")))
+                                                           "lr", "skipped", "masked_px",
+                                                           "skipped_scenes")))
             if progress is not None:
               progress.set_postfix(loss=f"{last['loss']:.4g}")
             if tb is not None:
@@ -430,7 +493,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   summary = {"before": pick(first), "after": pick(final), "steps": step,
              "seconds": round(seconds, 1), "preempted": preempted,
              "steps_per_second": None if math.isnan(steps_per_s) else round(steps_per_s, 3),
-             "final_train": last,
+             "final_train": last, "data": dict(data_counts),
              "history": {str(k): v for k, v in sorted(evals.items())}}
   if pick(final, "prior_"):  # a refiner's coarse input, scored on the same images
     summary = {"prior": pick(final, "prior_"), **summary}
@@ -441,3 +504,37 @@ def train(config, workdir: str) -> dict[str, Any]:
       json.dump(summary, f, indent=2)
     os.replace(tmp, summary_path)
   return summary
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def run(config, workdir: str, prog: str = "train.py") -> int:
+  """``train.py``'s body: train and print the outcome. Returns the exit status: 0 done or
+  preempted; 2 bad input or config (one line); 1 a fault that stopped the run (one line: a
+  checkpoint write failed, a data worker died), after which a rerun resumes from the newest
+  complete checkpoint."""
+  import sys
+
+  from geojax.runtime import enable_compilation_cache, tune_host_allocator
+  from geojax.train.checkpoint import CheckpointWriteError
+  tune_host_allocator()
+  one_line = lambda e: " ".join(str(e).split())
+  try:
+    maybe_initialize_distributed(config)
+    enable_compilation_cache()
+    summary = train(config, workdir)
+  except (CheckpointWriteError, DataWorkerError) as e:
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    return 1
+  except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    return 2
+  if summary.get("preempted"):
+    print(f"stopped by SIGTERM at step {summary['steps']}; rerun the same command to resume")
+  else:
+    keys = ("abs_rel", "auc30")
+    fmt = lambda m: ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m) or "-"
+    print(f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; "
+          f"eval before: {fmt(summary['before'])}; after: {fmt(summary['after'])}")
+  return 0

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from geojax.data.formats.scene_folder import MissingFileError, load_rgb
+from geojax.data.formats.scene_folder import MissingFileError, orient_view, read_rgb
 
 # name -> (model id, parameter names). Fisheye models are not pinholes even without distortion.
 CAMERA_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
@@ -531,13 +531,18 @@ def image_to_w2c(image: Image, dtype: Any = np.float32) -> np.ndarray:
 
 
 def read_colmap_scene(sparse_dir: str | os.PathLike, images_dir: str | os.PathLike, *,
-                      load_images: bool = True) -> dict[str, Any]:
+                      load_images: bool = True, exif: bool = True) -> dict[str, Any]:
   """Read a COLMAP reconstruction as a geojax scene dict, views sorted by image name.
 
   Returns ``names`` (list of S), ``image_ids`` (S,) int64, ``images`` (S, H, W, 3) uint8 (when
   ``load_images``), ``intrinsics`` (S, 3, 3) float32 (geojax pixel centres, see
   :func:`camera_to_pinhole`), ``extrinsics`` (S, 4, 4) float32 world-to-camera. All images must
   share one size and use undistorted (pinhole) cameras.
+
+  ``exif``: images are turned upright by their EXIF orientation. A camera of the stored pixels'
+  size (COLMAP calibrates what it decodes, the stored pixels) is turned with its image; one of
+  the upright size is used as it is (see :func:`geojax.data.formats.scene_folder.orient_view`).
+  ``exif=False`` reads the stored pixels.
 
   Raises:
     ValueError (a ``MissingFileError`` for absent files) naming the image file that is missing,
@@ -560,23 +565,28 @@ def read_colmap_scene(sparse_dir: str | os.PathLike, images_dir: str | os.PathLi
     elif hw != hw0:
       raise ValueError(f"{sparse_dir}: image {im.name} is {hw[1]}x{hw[0]} but {ims[0].name} is "
                        f"{hw0[1]}x{hw0[0]}; all views must share one size")
-    ks.append(camera_to_pinhole(cam))
-    exts.append(image_to_w2c(im))
+    try:
+      ks.append(camera_to_pinhole(cam))
+      exts.append(image_to_w2c(im))
+    except ValueError as e:
+      raise ValueError(f"{sparse_dir}: {e}") from None
     if load_images:
       p = os.path.join(images_dir, im.name)
       if not os.path.isfile(p):
         raise MissingFileError(f"{p}: image file not found (image {im.id} of the model in "
                                f"{sparse_dir})")
-      a = load_rgb(p)
-      if a.shape[:2] != hw:
-        raise ValueError(f"{p}: image is {a.shape[1]}x{a.shape[0]} but camera {cam.id} is "
-                         f"{hw[1]}x{hw[0]}")
+      a, o = read_rgb(p, exif=exif)
+      a, _, ks[-1], exts[-1] = orient_view(a, o, hw, ks[-1], exts[-1],
+                                           f"{p} (camera {cam.id} of {sparse_dir})")
+      if pix and a.shape != pix[0].shape:
+        raise ValueError(f"{p}: upright image is {a.shape[1]}x{a.shape[0]} but {ims[0].name} is "
+                         f"{pix[0].shape[1]}x{pix[0].shape[0]}; all views must share one size")
       pix.append(a)
   out: dict[str, Any] = {
       "names": [im.name for im in ims],
       "image_ids": np.array([im.id for im in ims], np.int64),
-      "intrinsics": np.stack(ks),
-      "extrinsics": np.stack(exts),
+      "intrinsics": np.stack(ks).astype(np.float32),
+      "extrinsics": np.stack(exts).astype(np.float32),
   }
   if load_images:
     out["images"] = np.stack(pix)

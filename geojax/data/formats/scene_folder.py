@@ -4,7 +4,8 @@ Layout (``<stem>`` is the image file name without its extension; every view shar
 
   scene/
     cameras.json          # required, see below
-    images/<stem>.png     # required, RGB (PNG or JPEG; grey/RGBA/palette images become RGB)
+    images/<stem>.png     # required, RGB (PNG or JPEG; grey, 16-bit grey, RGBA, palette and CMYK
+                          #   images become RGB; EXIF orientation applied, see below)
     depth/<stem>.npy      # optional, float32 (H, W) z-depth in metres, lossless
     depth/<stem>.png      #   or 16-bit PNG in millimetres (see "Depth precision")
     normals/<stem>.npy    # optional, float32 (H, W, 3) unit normals in camera coordinates
@@ -27,6 +28,14 @@ Depth precision: ``.npy`` stores the float32 values bit-exactly. ``png16`` store
 ``round(depth * 1000)`` as uint16 millimetres: reading it back is exact to 0.5 mm (we test 1 mm),
 positive depths below 0.5 mm are stored as 1 mm (so they stay valid), and the range ends at
 65.535 m -- :func:`write_scene` refuses larger finite depths rather than clipping them silently.
+
+EXIF orientation: images are read upright (their EXIF ``Orientation`` tag applied, as photo
+viewers do; ``exif=False`` reads the stored pixels). ``width`` / ``height`` in ``cameras.json``
+say which grid a camera was calibrated on: the stored pixels (what COLMAP and most tools see;
+also the reading for a 180-degree tag, which keeps the size), in which case the camera, the
+view's depth, mask and normals are turned with the image (see
+:mod:`geojax.data.formats.orientation`), or the upright image, in which case they are used as
+they are. Mirroring tags cannot carry a camera and are refused when cameras are given.
 
 Normals are stored as ``.npy`` float32 (lossless; a 16-bit PNG encoding would quantise them).
 Masks hold the ``valid`` array; on read, ``valid`` is ``mask & (depth > 0)`` when both exist.
@@ -52,6 +61,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from geojax.data.formats import orientation
+
 CAMERAS_FILE = "cameras.json"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 PNG16_MAX_M = 65.535  # largest depth a 16-bit millimetre PNG can hold
@@ -65,22 +76,72 @@ class MissingFileError(FileNotFoundError, ValueError):
 # Single-file helpers (shared with the COLMAP and video readers).
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-  """Decode an image file to ``(H, W, 3)`` uint8 RGB; errors name the file and the problem."""
+def read_rgb(path: str | os.PathLike, *, exif: bool = True) -> tuple[np.ndarray, int]:
+  """The stored pixels of an image file as ``(H, W, 3)`` uint8 RGB, and its EXIF orientation.
+
+  The orientation is 1 when ``exif`` is False or the file has no tag; the pixels are *not* turned
+  (:func:`load_rgb` does that). Grey, grey+alpha, palette, RGBA, CMYK and YCbCr images become
+  RGB (alpha is dropped); 16-bit grey images are scaled to 8 bits (``v / 257``, rounded).
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise MissingFileError(f"{path}: image file not found")
   try:
     with Image.open(path) as im:
       im.load()
-      if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        raise ValueError(f"{path}: expected an 8-bit colour image, got PIL mode {im.mode}")
-      arr = np.asarray(im.convert("RGB"))
+      o = orientation.read_tag(im) if exif else 1
+      if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        g = np.asarray(im).astype(np.int64)
+        if g.size and (g.min() < 0 or g.max() > 65535):
+          raise ValueError(f"{path}: 32-bit integer image with values outside 0-65535 is not a "
+                           "photo (a depth map?); expected an 8- or 16-bit image")
+        g = ((g * 255 + 32767) // 65535).astype(np.uint8)
+        arr = np.repeat(g[..., None], 3, axis=-1)
+      elif im.mode == "F":
+        raise ValueError(f"{path}: floating-point image (PIL mode F) is not a photo (a depth "
+                         "map?); expected an 8- or 16-bit image")
+      else:
+        arr = np.asarray(im.convert("RGB"))
   except ValueError:
     raise
   except (OSError, SyntaxError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: cannot decode image (corrupt or unsupported): {e}") from e
-  return np.ascontiguousarray(arr, dtype=np.uint8)
+  if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+    raise ValueError(f"{path}: decoded to an empty image {arr.shape}")
+  return np.ascontiguousarray(arr, dtype=np.uint8), o
+
+
+def load_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
+  """Decode an image file to ``(H, W, 3)`` uint8 RGB, turned upright by its EXIF orientation
+  (``exif=False``: the stored pixels, as the official DA3 input processor reads them); errors
+  name the file and the problem. Modes: see :func:`read_rgb`."""
+  arr, o = read_rgb(path, exif=exif)
+  return orientation.apply(arr, o)
+
+
+def orient_view(arr: np.ndarray, o: int, cam_hw: tuple[int, int], k: np.ndarray, w2c: np.ndarray,
+                where: str) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+  """An image read with EXIF tag ``o`` whose camera was calibrated for a ``cam_hw`` image.
+
+  Returns ``(upright image, aux orientation, K, w2c)``. A camera whose size is that of the stored
+  pixels (the COLMAP convention, and the only reading of a 180-degree tag) is turned with the
+  image, and so are the view's depth, mask and normal files (``aux orientation`` is ``o``); a
+  camera whose size is that of the upright image is already upright (``aux orientation`` 1).
+  Sizes matching neither raise ``ValueError`` naming ``where``.
+  """
+  stored = tuple(arr.shape[:2])
+  up = orientation.upright_size(stored, o)
+  if o == 1 or (tuple(cam_hw) == up and tuple(cam_hw) != stored):
+    if tuple(cam_hw) != up:
+      raise ValueError(f"{where}: image is {up[1]}x{up[0]} (WxH) but its camera says "
+                       f"{cam_hw[1]}x{cam_hw[0]}")
+    return orientation.apply(arr, o), 1, k, w2c
+  if tuple(cam_hw) != stored:
+    raise ValueError(f"{where}: image is {up[1]}x{up[0]} (WxH) upright, {stored[1]}x{stored[0]} "
+                     f"stored (EXIF orientation {o}), but its camera says "
+                     f"{cam_hw[1]}x{cam_hw[0]}")
+  k2, e2 = orientation.camera(k, w2c, o, stored, where=where)
+  return orientation.apply(arr, o), o, k2, e2
 
 
 def _load_gray(path: str, what: str) -> np.ndarray:
@@ -197,8 +258,15 @@ def read_cameras_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 # Reading and writing whole scenes.
 
 
+def _on_grid(path: str, what: str, arr: np.ndarray, frame: dict, turn: int) -> np.ndarray:
+  """A per-pixel map on its view's camera grid, turned upright with the view's image."""
+  _check_hw(path, what, arr, (frame["height"], frame["width"]))
+  return orientation.apply(arr, turn)
+
+
 def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals: bool = True,
-               load_masks: bool = True, require_depth: bool = False) -> dict[str, Any]:
+               load_masks: bool = True, require_depth: bool = False,
+               exif: bool = True) -> dict[str, Any]:
   """Read a scene folder into a dict shaped like :func:`~geojax.data.synthetic.render_scene`.
 
   Args:
@@ -208,6 +276,8 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
     load_masks: read ``masks/`` when present (folded into ``valid``).
     require_depth: raise if some view has no depth file (otherwise depth is returned only when
       every view has one; a partial set raises, because the stack would be ragged).
+    exif: turn images upright by their EXIF orientation (see "EXIF orientation" in the module
+      docstring); False reads the stored pixels.
 
   Returns:
     ``names`` (list of S str), ``images`` (S, H, W, 3) uint8, ``intrinsics`` (S, 3, 3) float32,
@@ -224,14 +294,14 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
     raise MissingFileError(f"{root}: scene folder not found")
   frames = read_cameras_json(os.path.join(root, CAMERAS_FILE))
   img_dir = os.path.join(root, "images")
-  images, hw0 = [], None
+  images, hw0, turns = [], None, []
   for fr in frames:
     p = os.path.join(img_dir, fr["name"])
-    img = load_rgb(p)
-    hw = (fr["height"], fr["width"])
-    if img.shape[:2] != hw:
-      raise ValueError(f"{p}: image is {img.shape[1]}x{img.shape[0]} (WxH) but cameras.json says "
-                       f"{hw[1]}x{hw[0]}")
+    img, o = read_rgb(p, exif=exif)
+    img, turn, fr["K"], fr["w2c"] = orient_view(img, o, (fr["height"], fr["width"]), fr["K"],
+                                                fr["w2c"], f"{p} (cameras.json)")
+    turns.append(turn)
+    hw = img.shape[:2]
     if hw0 is None:
       hw0 = hw
     elif hw != hw0:
@@ -257,7 +327,7 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
         raise MissingFileError(f"{miss}: depth file not found ({sum(have)} of {len(have)} views "
                                "have depth)")
       maps = []
-      for f in files:
+      for i, f in enumerate(files):
         if f.endswith(".npy"):
           d = _load_npy(f, "depth")
           if d.ndim == 3 and d.shape[-1] == 1:
@@ -270,7 +340,7 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
           if d.dtype not in (np.uint16, np.int32):
             raise ValueError(f"{f}: depth PNG must be 16-bit, got {d.dtype}")
           d = decode_depth_png16(d)
-        _check_hw(f, "depth map", d, hw0)
+        d = _on_grid(f, "depth map", d, frames[i], turns[i])
         if not np.all(np.isfinite(d)):
           d = np.where(np.isfinite(d), d, 0).astype(np.float32)
         maps.append(d)
@@ -283,11 +353,10 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
     files = [_find(m_dir, s, (".png",)) for s in stems]
     if any(f is not None for f in files):
       ms = []
-      for s, f in zip(stems, files):
+      for i, (s, f) in enumerate(zip(stems, files)):
         if f is None:
           raise MissingFileError(f"{os.path.join(m_dir, s + '.png')}: mask file not found")
-        m = _load_gray(f, "mask")
-        _check_hw(f, "mask", m, hw0)
+        m = _on_grid(f, "mask", _load_gray(f, "mask"), frames[i], turns[i])
         ms.append(m != 0)
       mask = np.stack(ms)
   if depth is not None:
@@ -300,13 +369,15 @@ def read_scene(path: str | os.PathLike, *, load_depth: bool = True, load_normals
     files = [_find(n_dir, s, (".npy",)) for s in stems]
     if any(f is not None for f in files):
       ns = []
-      for s, f in zip(stems, files):
+      for i, (s, f) in enumerate(zip(stems, files)):
         if f is None:
           raise MissingFileError(f"{os.path.join(n_dir, s + '.npy')}: normals file not found")
         n = _load_npy(f, "normals")
         if n.ndim != 3 or n.shape[-1] != 3:
           raise ValueError(f"{f}: normals must be (H, W, 3), got shape {n.shape}")
-        _check_hw(f, "normal map", n, hw0)
+        n = _on_grid(f, "normal map", n, frames[i], turns[i])
+        if turns[i] != 1:  # camera-frame vectors turn with the camera
+          n = n @ orientation.frame_rotation(turns[i]).T
         ns.append(n.astype(np.float32))
       out["normals"] = np.stack(ns)
   return out
@@ -436,7 +507,7 @@ class SceneFolderSource:
   """
 
   def __init__(self, root: str | os.PathLike, *, on_error: str = "raise", load_depth: bool = True,
-               load_normals: bool = True, load_masks: bool = True):
+               load_normals: bool = True, load_masks: bool = True, exif: bool = True):
     if on_error not in ("raise", "skip"):
       raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     self.root = os.fspath(root)
@@ -449,7 +520,8 @@ class SceneFolderSource:
     self.on_error = on_error
     self.skipped = 0
     self._bad: set[int] = set()
-    self._kw = dict(load_depth=load_depth, load_normals=load_normals, load_masks=load_masks)
+    self._kw = dict(load_depth=load_depth, load_normals=load_normals, load_masks=load_masks,
+                    exif=bool(exif))
 
   def __len__(self) -> int:
     return len(self.scenes)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -35,8 +37,15 @@ def read_tapvid3d(path: str) -> dict:
     raise FileNotFoundError(f"{path}: no such TAPVid-3D file")
   try:
     f = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+  try:
+    return _read(path, f)
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a truncated member
+    raise ValueError(f"{path}: damaged .npz file ({type(e).__name__}: {e})") from None
+
+
+def _read(path: str, f) -> dict:
   with f:
     missing = [k for k in KEYS if k not in f.files]
     if missing:

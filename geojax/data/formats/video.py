@@ -86,9 +86,23 @@ def _check_frame(frame: np.ndarray, where: str) -> np.ndarray:
   return np.ascontiguousarray(a[..., :3])
 
 
+def _ffmpeg_reason(e: BaseException) -> str:
+  """One line for an imageio/ffmpeg failure: its message without ffmpeg's banner and build
+  configuration, plus ffmpeg's own last complaint (e.g. ``moov atom not found``)."""
+  text = str(e)
+  head, _, tail = text.partition("=== stderr ===")
+  reason = " ".join(head.split()) or type(e).__name__
+  lines = [l.strip() for l in tail.splitlines() if l.strip()]
+  last = next((l for l in reversed(lines) if not l.startswith(("ffmpeg version", "built with",
+                                                               "configuration:", "lib"))), "")
+  if last and last not in reason:
+    reason = f"{reason}; ffmpeg: {last}"
+  return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
 def read_video(path: str | os.PathLike, *, fps: float | None = None,
-               max_frames: int | None = None,
-               folder_fps: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+               max_frames: int | None = None, folder_fps: float = 30.0,
+               exif: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Decode frames of a video file or a folder of images.
 
   Args:
@@ -97,6 +111,7 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
     fps: target rate in frames per second (subsampling only); None keeps every frame.
     max_frames: keep at most this many frames.
     folder_fps: the frame rate assumed for a folder of images.
+    exif: turn frame images upright by their EXIF orientation (folders only).
 
   Returns:
     ``frames`` (T, H, W, 3) uint8 RGB and ``timestamps`` (T,) float64 seconds.
@@ -120,7 +135,7 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
       for i, f in enumerate(files):
         yield i / folder_fps, f
     picked, times = _subsample(stream(), fps, max_frames)
-    frames = [load_rgb(f) for f in picked]
+    frames = [load_rgb(f, exif=exif) for f in picked]
   elif os.path.isfile(path):
     iio = _imageio()
     try:
@@ -140,7 +155,8 @@ def read_video(path: str | os.PathLike, *, fps: float | None = None,
     except ValueError:
       raise
     except Exception as e:  # imageio/ffmpeg raise assorted OSError/RuntimeError/IndexError
-      raise ValueError(f"{path}: cannot decode video: {type(e).__name__}: {e}") from e
+      raise ValueError(f"{path}: cannot decode video (corrupt, truncated or not a video): "
+                       f"{_ffmpeg_reason(e)}") from None
   else:
     raise MissingFileError(f"{path}: video file or frame folder not found")
   if not frames:
