@@ -21,6 +21,7 @@ from geojax.models import d4rt
 from geojax.nn import layers, queries as qf, video as vid
 from geojax.nn.layers import count_params
 from geojax.parallel.sharding import creation_context
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, S = 4, 64  # tiny clip: 4 frames at 64 x 64 -> 2 slots x 16 tokens
@@ -242,7 +243,8 @@ print(json.dumps({"err": float(np.abs(np.asarray(out) - ref).max()), "spec": spe
 
 
 def test_queries_split_over_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"))
   r = subprocess.run([sys.executable, "-c", QUERY_SPLIT], capture_output=True, text=True,
                      env=env, cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -16,6 +16,7 @@ from geojax.convert import da3 as conv
 from geojax.geometry import camera
 from geojax.geometry.ray_pose import pose_from_rays
 from geojax.models.da3 import DA3
+from xla_env import xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,8 @@ with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
 print("SPEC", spec, float(np.abs(np.asarray(ys["depth"]) - np.asarray(y["depth"])).max()))
 """
   env = dict(os.environ, NNX_GRAPH_MODE="false", NNX_GRAPH_UPDATES="false",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+             XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
+             JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   line = [l for l in r.stdout.splitlines() if l.startswith("SPEC")][0]

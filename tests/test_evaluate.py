@@ -225,3 +225,43 @@ def test_seam_error_is_relative_crop_disagreement():
   boxes = np.array([[0, 0, 4, 4], [2, 0, 6, 4]])
   assert evaluator.seam_error(patches, boxes) == pytest.approx(0.5 / 1.25)
   assert np.isnan(evaluator.seam_error(patches, np.array([[0, 0, 4, 4], [4, 0, 8, 4]])))
+
+
+def test_scene_folder_with_exif_rotated_images(tmp_path):
+  """A scene folder of phone-style images (landscape pixels with EXIF tag 6, cameras and depth
+  on the stored grid) evaluates exactly like its upright twin; ``data.exif=False`` evaluates
+  the stored landscape pixels, like the same scene written without the tag."""
+  import shutil
+
+  from PIL import Image
+
+  from geojax.data.formats import scene_folder
+  from geojax.data.synthetic import render_scene
+  scene = render_scene(1, 0, num_views=3, height=56, width=84)
+  names = [f"{i:06d}.png" for i in range(3)]
+  phone = tmp_path / "upright" / "phone"
+  scene_folder.write_scene(scene, str(phone), names=names)
+  for i, n in enumerate(names):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(scene["images"][i]).save(phone / "images" / n, exif=exif.tobytes())
+  up = scene_folder.read_scene(str(phone))
+  assert up["images"].shape == (3, 84, 56, 3)
+  scene_folder.write_scene(up, str(tmp_path / "upright" / "twin"), names=names)
+  shutil.copytree(phone, tmp_path / "stored" / "phone")
+  scene_folder.write_scene(scene, str(tmp_path / "stored" / "flat"), names=names)
+
+  def scores(root, **over):
+    res = evaluate.evaluate(small_config(tmp_path / f"eval-{root}", **{
+        "data.source": "scene_folder", "data.path": str(tmp_path / root), "data.num_scenes": 0,
+        "pictures": False, "metrics": "depth,pose", **over}))
+    return {r["scene"]: r for r in res["scenes"]}
+
+  for root, pair, over in (("upright", ("phone", "twin"), {}),
+                           ("stored", ("phone", "flat"), {"data.exif": False})):
+    rows = scores(root, **over)
+    a, b = (rows[s] for s in pair)
+    assert {"abs_rel", "auc30"} <= set(a), a
+    for key, value in b.items():
+      if key != "scene" and isinstance(value, float):
+        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (root, key)

@@ -148,8 +148,11 @@ def test_frame_permutation_equivariance(tiny, video):
   a = tiny(video)
   b = tiny(video[:, perm])
   for k in ("local_points", "conf", "camera_poses", "points"):
-    np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k])[:, perm], rtol=2e-4,
-                               atol=2e-5, err_msg=k)
+    want = np.asarray(a[k])[:, perm]
+    # Frame order changes the float summation order; near-zero coordinates (of points ~2 m
+    # out) then differ by ~5e-5 on some CPUs, so the absolute floor scales with the values.
+    np.testing.assert_allclose(np.asarray(b[k]), want, rtol=2e-4,
+                               atol=5e-5 * max(1.0, float(np.abs(want).max())), err_msg=k)
 
 
 def test_round_trip_and_identification(tiny, video, tmp_path):

@@ -17,6 +17,7 @@ from geojax.data.formats import colmap, scene_folder
 from geojax.data.synthetic import render_scene
 from geojax.io import pointcloud
 from geojax.predict import cli, core, export, inputs
+from xla_env import xla_flags
 
 RES = 98  # processing resolution: small images keep the CPU forward cheap
 N_VIEWS = 3
@@ -310,7 +311,8 @@ def test_view_parallel_command_matches_single_device(predicted, tiny_checkpoint,
   """``--view-devices`` (views split over 3 simulated CPU devices) and ``--head-chunk`` give the
   single-device outputs."""
   out = str(tmp_path / "vp")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=3"),
+             JAX_PLATFORMS="cpu")
   r = subprocess.run(_geojax_cmd() + ["predict", "--weights", tiny_checkpoint, "--out", out,
                                       "--process-res", str(RES), "--max-points", "500",
                                       "--no-progress", "--view-devices", "3", "--head-chunk", "1",

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from test_train_step import MODEL
+from xla_env import xla_flags
 
 RUN = MODEL + r"""
 import sys, grain
@@ -46,7 +47,7 @@ np.savez(out, losses=np.array(losses), params=leaves(state.params), opt=leaves(s
 
 
 def _run(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", RUN, *args], env=env, capture_output=True,
                      text=True, timeout=600)

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from xla_env import xla_flags
+
 MODEL = r"""
 import jax, jax.numpy as jnp, numpy as np, ml_collections
 from flax import nnx
@@ -71,7 +73,7 @@ print("SPEC", spec)
 
 
 def _run(code, *args, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
              JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                      text=True, timeout=600)
